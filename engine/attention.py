@@ -1,0 +1,89 @@
+"""Attention backends behind one small interface, chosen by name.
+
+A backend writes each layer's new K/V into the pool and attends over every cached position of each
+request. `torch` is the reference: plain SDPA, runs on CPU and CUDA. A Triton backend will register
+itself here under another name.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from .batch import ForwardBatch
+from .kv_pool import KVPool, ReqToTokenTable
+
+
+class AttentionBackend(ABC):
+    def __init__(self, pool: KVPool, table: ReqToTokenTable):
+        self.pool = pool
+        self.table = table
+
+    @abstractmethod
+    def prepare(self, batch: ForwardBatch) -> None:
+        """Build per-step metadata once, before the layers run."""
+
+    @abstractmethod
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int) -> torch.Tensor:
+        """q [T, H, D], k/v [T, KVH, D] for the batch's new tokens → attention output [T, H*D]."""
+
+
+class TorchBackend(AttentionBackend):
+    """Decode: one padded SDPA call over all requests. Extend: one SDPA call per request."""
+
+    def prepare(self, batch: ForwardBatch) -> None:
+        self.batch = batch
+        device = self.pool.device
+        if batch.is_decode:
+            lens = torch.tensor(batch.seq_lens, device=device)
+            max_len = int(max(batch.seq_lens))
+            slots = self.table.table[batch.rows, :max_len]
+            valid = torch.arange(max_len, device=device)[None, :] < lens[:, None]
+            # Padded positions read the scratch slot 0 and are masked out.
+            self.decode_slots = torch.where(valid, slots, torch.zeros_like(slots))
+            self.decode_mask = valid[:, None, None, :]  # [B, 1, 1, L]
+        else:
+            self.extend_meta = []
+            for row, seq_len, n_new, start in zip(batch.rows, batch.seq_lens, batch.extend_lens, batch.starts):
+                slots = self.table.table[row, :seq_len]
+                prefix = seq_len - n_new
+                mask = None
+                if prefix > 0 and n_new > 1:
+                    # New token i sits at position prefix + i and sees positions <= prefix + i.
+                    cols = torch.arange(seq_len, device=device)[None, :]
+                    rows_ = torch.arange(n_new, device=device)[:, None] + prefix
+                    mask = cols <= rows_
+                self.extend_meta.append((start, n_new, slots, mask, prefix == 0 and n_new > 1))
+
+    def forward(self, q, k, v, layer):
+        pool_k, pool_v = self.pool.k[layer], self.pool.v[layer]
+        pool_k[self.batch.out_slots] = k
+        pool_v[self.batch.out_slots] = v
+        num_heads, head_dim = q.shape[1], q.shape[2]
+        if self.batch.is_decode:
+            keys = pool_k[self.decode_slots].transpose(1, 2)  # [B, KVH, L, D]
+            values = pool_v[self.decode_slots].transpose(1, 2)
+            out = F.scaled_dot_product_attention(
+                q[:, :, None, :], keys, values, attn_mask=self.decode_mask, enable_gqa=True
+            )
+            return out.reshape(q.shape[0], num_heads * head_dim)
+        out = torch.empty_like(q)
+        for start, n_new, slots, mask, causal in self.extend_meta:
+            qi = q[start : start + n_new].transpose(0, 1)[None]  # [1, H, n, D]
+            keys = pool_k[slots].transpose(0, 1)[None]
+            values = pool_v[slots].transpose(0, 1)[None]
+            oi = F.scaled_dot_product_attention(qi, keys, values, attn_mask=mask, is_causal=causal, enable_gqa=True)
+            out[start : start + n_new] = oi[0].transpose(0, 1)
+        return out.reshape(q.shape[0], num_heads * head_dim)
+
+
+_BACKENDS: dict[str, Callable[[KVPool, ReqToTokenTable], AttentionBackend]] = {"torch": TorchBackend}
+
+
+def create_attention_backend(name: str, pool: KVPool, table: ReqToTokenTable) -> AttentionBackend:
+    if name not in _BACKENDS:
+        raise ValueError(f"unknown attention backend {name!r}; available: {sorted(_BACKENDS)}")
+    return _BACKENDS[name](pool, table)

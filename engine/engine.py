@@ -1,0 +1,303 @@
+"""The offline API: `Engine(config).generate(...)` and `async for out in engine.generate_stream(...)`.
+
+The scheduler runs in its own thread; callers talk to it only through an inbox (add / abort) and get
+`RequestOutput` snapshots back through callbacks. The HTTP server and the benchmarks use this same
+class, so there is one code path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import threading
+import time
+import uuid
+from collections import deque
+from dataclasses import replace
+from typing import AsyncIterator, Callable, Sequence
+
+import structlog
+import torch
+from transformers import AutoTokenizer
+
+from .attention import create_attention_backend
+from .config import EngineConfig
+from .kv_pool import KVLayout, KVPool, ReqToTokenTable
+from .models.builtin import resolve_model_path
+from .models.llama import load_model
+from .radix_cache import RadixCache
+from .request import FinishReason, Req, RequestOutput
+from .sampling_params import InvalidParamError, SamplingParams
+from .scheduler import Scheduler
+
+log = structlog.get_logger(__name__)
+
+Prompt = str | list[int]
+
+
+class Engine:
+    def __init__(self, config: EngineConfig | None = None, **overrides):
+        config = replace(config or EngineConfig(), **overrides)
+        self.config = config
+        if config.num_threads:
+            torch.set_num_threads(config.num_threads)
+        started = time.perf_counter()
+        self.model_path = resolve_model_path(config.model)
+        self.device = torch.device(config.device)
+        dtype = _resolve_dtype(config.dtype, self.device)
+        log.info("engine.loading", model=config.model, path=str(self.model_path), device=str(self.device),
+                 dtype=str(dtype))
+        self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
+        self.model = load_model(self.model_path, dtype, self.device)
+        mc = self.model.config
+        self.eos_token_ids = mc.eos_token_ids or (
+            (self.tokenizer.eos_token_id,) if self.tokenizer.eos_token_id is not None else ()
+        )
+        self.context_length = min(config.context_length or mc.max_position, mc.max_position)
+
+        layout = KVLayout(mc.num_layers, mc.num_kv_heads, mc.head_dim, dtype)
+        self.pool = KVPool(layout, self._pool_tokens(layout), self.device)
+        self.table = ReqToTokenTable(config.max_running_requests, self.context_length + 1, self.device)
+        self.cache = RadixCache(self.pool, disable=config.disable_radix_cache)
+        attn = create_attention_backend(config.attention_backend, self.pool, self.table)
+        self.scheduler = Scheduler(self.model, attn, self.pool, self.table, self.cache, config.scheduler_config())
+
+        self._inbox: deque[tuple[str, object]] = deque()
+        self._idle_calls: list[tuple[Callable[[], object], _Result]] = []
+        self._wake = threading.Condition()
+        self._stopping = False
+        self.error: BaseException | None = None
+        self._rid_counter = itertools.count()
+        self._thread = threading.Thread(target=self._loop, name="sglang-gw-scheduler", daemon=True)
+        self._thread.start()
+        log.info("engine.ready", seconds=round(time.perf_counter() - started, 2), kv_tokens=self.pool.size,
+                 kv_bytes=self.pool.size * layout.bytes_per_token(), context_length=self.context_length)
+
+    def _pool_tokens(self, layout: KVLayout) -> int:
+        c = self.config
+        if c.max_total_tokens is not None:
+            return c.max_total_tokens
+        if self.device.type == "cuda":
+            free, total = torch.cuda.mem_get_info(self.device)
+            # Weights are loaded already: KV gets what is left of the static fraction of the GPU.
+            budget = free - total * (1 - c.mem_fraction_static)
+            if budget <= 0:
+                raise RuntimeError(f"mem_fraction_static={c.mem_fraction_static} leaves no GPU memory for KV")
+        else:
+            budget = c.kv_cache_bytes
+        return max(int(budget // layout.bytes_per_token()), 1)
+
+    # ---- the scheduler thread -------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        try:
+            while True:
+                with self._wake:
+                    while not (self._inbox or self._idle_calls or self.scheduler.has_work() or self._stopping):
+                        self._wake.wait()
+                    if self._stopping:
+                        break
+                    commands = list(self._inbox)
+                    self._inbox.clear()
+                for kind, arg in commands:
+                    if kind == "add":
+                        self.scheduler.add(arg)
+                    elif kind == "abort":
+                        self.scheduler.abort(arg)
+                    else:
+                        self._idle_calls.append(arg)
+                if self.scheduler.has_work():
+                    self.scheduler.step()
+                else:
+                    calls, self._idle_calls = self._idle_calls, []
+                    for fn, result in calls:
+                        result.set(fn)
+        except BaseException as exc:  # a broken step leaves KV state unknown: fail everyone, stop
+            self.error = exc
+            log.exception("engine.scheduler_failed")
+            for req in self.scheduler.waiting + self.scheduler.active_requests():
+                if not req.finished:
+                    req.finish_reason = FinishReason("abort", message=f"engine error: {exc}")
+                    req.on_output(req.snapshot())
+
+    def _send(self, kind: str, arg) -> None:
+        if self.error is not None:
+            raise RuntimeError(f"engine stopped after an error: {self.error}")
+        with self._wake:
+            self._inbox.append((kind, arg))
+            self._wake.notify()
+
+    def shutdown(self) -> None:
+        with self._wake:
+            self._stopping = True
+            self._wake.notify()
+        self._thread.join(timeout=30)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.shutdown()
+
+    # ---- requests -------------------------------------------------------------------------------
+
+    def tokenize(self, prompt: Prompt) -> list[int]:
+        if isinstance(prompt, str):
+            return self.tokenizer.encode(prompt)
+        return list(prompt)
+
+    def apply_chat_template(self, messages: list[dict]) -> str:
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+    def validate(self, input_ids: list[int], params: SamplingParams) -> SamplingParams:
+        """Reject prompts that cannot run; clip max_new_tokens to what the context and pool allow."""
+        if not input_ids:
+            raise InvalidParamError("input", "the prompt is empty")
+        if any(not 0 <= t < self.model.config.vocab_size for t in input_ids):
+            raise InvalidParamError("input_ids", f"token ids must be in [0, {self.model.config.vocab_size})")
+        limit = min(self.context_length, self.pool.size)
+        if len(input_ids) >= limit:
+            raise InvalidParamError(
+                "input", f"the prompt has {len(input_ids)} tokens; this engine's limit is {limit - 1}"
+            )
+        if len(input_ids) + params.max_new_tokens > limit:
+            params = replace(params, max_new_tokens=limit - len(input_ids))
+            params = replace(params, min_new_tokens=min(params.min_new_tokens, params.max_new_tokens))
+        return params
+
+    def submit(
+        self,
+        prompt: Prompt,
+        params: SamplingParams,
+        on_output: Callable[[RequestOutput], None],
+        *,
+        rid: str | None = None,
+        return_logprob: bool = False,
+        logprob_start_len: int = -1,
+        top_logprobs_num: int = 0,
+        seed: int | None = None,
+    ) -> str:
+        """Queue one sequence (n is handled by the callers below); returns its rid."""
+        input_ids = self.tokenize(prompt)
+        params = self.validate(input_ids, params)
+        rid = rid or uuid.uuid4().hex
+        req = Req(
+            rid, input_ids, params,
+            tokenizer=self.tokenizer, eos_token_ids=self.eos_token_ids, on_output=on_output,
+            return_logprob=return_logprob, logprob_start_len=logprob_start_len, top_logprobs_num=top_logprobs_num,
+            seed=seed if seed is not None else params.sampling_seed,
+        )
+        self._send("add", req)
+        return rid
+
+    def abort(self, rid: str) -> None:
+        self._send("abort", rid)
+
+    def _expand_n(self, prompt: Prompt, params: SamplingParams, rid: str | None) -> list[tuple[str | None, SamplingParams]]:
+        """n > 1 becomes n sequences with seeds seed, seed+1, … (the prompt is prefilled once first)."""
+        if params.n == 1:
+            return [(rid, params)]
+        base = params.sampling_seed
+        return [
+            (f"{rid}-{i}" if rid else None,
+             replace(params, n=1, sampling_seed=None if base is None else base + i))
+            for i in range(params.n)
+        ]
+
+    def generate(self, prompts: Prompt | Sequence[Prompt], params: SamplingParams | Sequence[SamplingParams] | None = None,
+                 **kwargs) -> list[RequestOutput]:
+        """Blocking batch generation: one final output per sequence (n per prompt), in prompt order."""
+        single = isinstance(prompts, str) or (prompts and isinstance(prompts[0], int))
+        prompts = [prompts] if single else list(prompts)
+        params_list = _broadcast_params(params, len(prompts))
+
+        async def run_all():
+            async def one(p, sp):
+                outs = []
+                async for out in self.generate_stream(p, sp, **kwargs):
+                    if out.finished:
+                        outs.append(out)
+                return sorted(outs, key=lambda o: o.rid)
+
+            results = await asyncio.gather(*(one(p, sp) for p, sp in zip(prompts, params_list)))
+            return [o for group in results for o in group]
+
+        return asyncio.run(run_all())
+
+    async def generate_stream(self, prompt: Prompt, params: SamplingParams | None = None, *, rid: str | None = None,
+                              **kwargs) -> AsyncIterator[RequestOutput]:
+        """Yields a snapshot after every step that changed a sequence. With n > 1, snapshots of the n
+        sequences interleave (tell them apart by rid). Leaving the loop early aborts what is left."""
+        params = params or SamplingParams()
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
+
+        def deliver(out: RequestOutput) -> None:
+            loop.call_soon_threadsafe(queue.put_nowait, out)
+
+        sequences = self._expand_n(prompt, params, rid)
+        if len(sequences) > 1:
+            # Prefill the shared prompt once so that every sample reuses its KV from the cache.
+            prefill_rid = self.submit(prompt, replace(params, n=1, max_new_tokens=0, min_new_tokens=0), deliver)
+            while not (out := await queue.get()).finished or out.rid != prefill_rid:
+                pass
+        pending: set[str] = set()
+        try:
+            for seq_rid, sp in sequences:
+                pending.add(self.submit(prompt, sp, deliver, rid=seq_rid, **kwargs))
+            while pending:
+                out = await queue.get()
+                if out.finished:
+                    pending.discard(out.rid)
+                yield out
+        finally:
+            for left in pending:
+                self.abort(left)
+
+    # ---- introspection (tests, metrics, server info) ---------------------------------------------
+
+    def run_when_idle(self, fn: Callable[[], object], timeout: float = 60.0):
+        """Call fn on the scheduler thread once it has no work (e.g. the integrity check); its result."""
+        result = _Result()
+        self._send("call", (fn, result))
+        return result.get(timeout)
+
+    def check_integrity(self) -> None:
+        self.run_when_idle(self.scheduler.check_integrity)
+
+
+class _Result:
+    """A value (or exception) handed from the scheduler thread to a waiting caller."""
+
+    def __init__(self):
+        self._done = threading.Event()
+        self._value = self._error = None
+
+    def set(self, fn: Callable[[], object]) -> None:
+        try:
+            self._value = fn()
+        except BaseException as exc:
+            self._error = exc
+        self._done.set()
+
+    def get(self, timeout: float):
+        if not self._done.wait(timeout):
+            raise TimeoutError("the engine did not become idle")
+        if self._error is not None:
+            raise self._error
+        return self._value
+
+
+def _resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, name)
+
+
+def _broadcast_params(params, count: int) -> list[SamplingParams]:
+    if params is None or isinstance(params, SamplingParams):
+        return [params or SamplingParams()] * count
+    params = list(params)
+    if len(params) != count:
+        raise ValueError(f"{len(params)} sampling params for {count} prompts")
+    return params

@@ -1,0 +1,161 @@
+"""One generation request as the scheduler tracks it, and the outputs it streams back."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from .detokenizer import IncrementalDetokenizer, StopStringMatcher
+from .sampling_params import SamplingParams
+
+
+@dataclass
+class FinishReason:
+    type: str  # "stop" | "length" | "abort"
+    matched: int | str | None = None
+    length: int | None = None
+    message: str | None = None
+
+    def to_json(self) -> dict:
+        if self.type == "length":
+            return {"type": "length", "length": self.length}
+        if self.type == "abort":
+            return {"type": "abort", "message": self.message}
+        return {"type": "stop", "matched": self.matched}
+
+
+@dataclass
+class RequestOutput:
+    """A snapshot sent to the caller after each step that changed the request (and once at the end)."""
+
+    rid: str
+    text: str  # cumulative streamable text
+    output_ids: list[int]  # cumulative
+    finished: bool
+    finish_reason: FinishReason | None
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int
+    output_token_logprobs: list[tuple[float, int]] = field(default_factory=list)
+    output_top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
+    input_token_logprobs: list[tuple[float | None, int]] = field(default_factory=list)
+    input_top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
+    e2e_latency: float = 0.0
+    time_to_first_token: float | None = None
+
+
+class Req:
+    def __init__(
+        self,
+        rid: str,
+        input_ids: list[int],
+        params: SamplingParams,
+        *,
+        tokenizer,
+        eos_token_ids: tuple[int, ...],
+        on_output: Callable[[RequestOutput], None],
+        return_logprob: bool = False,
+        logprob_start_len: int = -1,
+        top_logprobs_num: int = 0,
+        seed: int | None = None,
+    ):
+        self.rid = rid
+        self.origin_input_ids = list(input_ids)
+        self.params = params
+        self.on_output = on_output
+        self.return_logprob = return_logprob
+        self.logprob_start_len = logprob_start_len
+        self.top_logprobs_num = top_logprobs_num
+        stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else set(eos_token_ids))
+        self.stop_token_ids = frozenset(stop_ids)
+        self.generator = torch.Generator()
+        self.generator.manual_seed(seed if seed is not None else int(torch.randint(0, 2**62, ()).item()))
+        self.detok = IncrementalDetokenizer(tokenizer, params.skip_special_tokens, params.spaces_between_special_tokens)
+        self.stop_matcher = StopStringMatcher(params.stop)
+
+        self.output_ids: list[int] = []
+        self.text = ""  # final text so far (stop-trimmed once finished)
+        self.finish_reason: FinishReason | None = None
+        self.created = time.perf_counter()
+        self.first_token_time: float | None = None
+
+        # KV state, owned by the scheduler.
+        self.row: int | None = None  # row in the request→slot table
+        self.kv_len = 0  # leading tokens of all_ids whose KV is in the row
+        self.prefix_len = 0  # leading tokens of the row that the radix cache holds (locked via last_node)
+        self.last_node = None
+        self.cached_tokens = 0  # prompt tokens served from the cache at first admission
+        self.admitted = False
+        self.num_retractions = 0
+        self.computed_tokens = 0  # tokens this request ran through the model (cache hits excluded)
+        self.input_logprobs_done = False
+
+        # Logprobs accumulated for the caller.
+        self.output_token_logprobs: list[tuple[float, int]] = []
+        self.output_top_logprobs: list[list[tuple[int, float]]] = []
+        self.input_token_logprobs: list[tuple[float | None, int]] = []
+        self.input_top_logprobs: list[list[tuple[int, float]]] = []
+
+    @property
+    def all_ids(self) -> list[int]:
+        """Prompt plus output. A forward computes KV for all_ids[kv_len:] and samples after the last,
+        so a decode step feeds the newest token and a re-prefill after retraction feeds the rest."""
+        return self.origin_input_ids + self.output_ids
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    @property
+    def needs_input_logprobs(self) -> bool:
+        return self.return_logprob and self.logprob_start_len >= 0
+
+    def reserved_tokens(self, new_token_ratio: float) -> int:
+        """KV tokens the scheduler keeps in reserve for this request's future decode steps."""
+        remaining = self.params.max_new_tokens - len(self.output_ids)
+        return int(min(max(remaining, 0), 4096) * new_token_ratio)
+
+    def append_token(self, token_id: int) -> None:
+        """Record a sampled token and decide whether the request has finished."""
+        if self.first_token_time is None:
+            self.first_token_time = time.perf_counter()
+        self.output_ids.append(token_id)
+        if token_id in self.stop_token_ids:
+            self.finish_reason = FinishReason("stop", matched=token_id)
+            return
+        new_text = self.detok.add(token_id)
+        self.text += new_text
+        hit = self.stop_matcher.find(self.text, len(new_text))
+        if hit is not None:
+            pos, stop = hit
+            self.text = self.text[: pos + len(stop)] if self.params.no_stop_trim else self.text[:pos]
+            self.finish_reason = FinishReason("stop", matched=stop)
+        elif len(self.output_ids) >= self.params.max_new_tokens:
+            self.finish_reason = FinishReason("length", length=len(self.output_ids))
+            self.text += self.detok.flush()
+
+    def snapshot(self) -> RequestOutput:
+        text = self.text
+        if not self.finished:
+            held = self.stop_matcher.held_back(text)
+            text = text[: len(text) - held] if held else text
+        now = time.perf_counter()
+        return RequestOutput(
+            rid=self.rid,
+            text=text,
+            output_ids=list(self.output_ids),
+            finished=self.finished,
+            finish_reason=self.finish_reason,
+            prompt_tokens=len(self.origin_input_ids),
+            completion_tokens=len(self.output_ids),
+            cached_tokens=self.cached_tokens,
+            output_token_logprobs=list(self.output_token_logprobs),
+            output_top_logprobs=list(self.output_top_logprobs),
+            input_token_logprobs=list(self.input_token_logprobs),
+            input_top_logprobs=list(self.input_top_logprobs),
+            e2e_latency=now - self.created,
+            time_to_first_token=None if self.first_token_time is None else self.first_token_time - self.created,
+        )

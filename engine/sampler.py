@@ -1,0 +1,88 @@
+"""Turns a batch of logits into next tokens (and their logprobs), one row per request.
+
+Order per row, as in SGLang/vLLM: logit bias → penalties → min_new_tokens mask → (greedy: argmax) →
+temperature → top-k → top-p → min-p → draw with the request's own generator. Each request owns a
+seeded torch.Generator, so its samples do not depend on which other requests share the batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .request import Req
+
+
+@dataclass
+class SampleOutput:
+    token_ids: list[int]
+    logprobs: list[float] | None  # log p(chosen token) under the raw distribution
+    top_logprobs: list[list[tuple[int, float]]] | None
+
+
+def apply_penalties(logits: torch.Tensor, reqs: list[Req]) -> None:
+    """In place. Repetition penalty over prompt + output (HF); frequency/presence over output (OpenAI)."""
+    for i, req in enumerate(reqs):
+        p = req.params
+        if p.logit_bias:
+            ids = torch.tensor(list(p.logit_bias), device=logits.device)
+            logits[i, ids] += torch.tensor(list(p.logit_bias.values()), device=logits.device)
+        if not p.needs_penalties:
+            continue
+        row = logits[i]
+        if p.repetition_penalty != 1.0:
+            seen = torch.tensor(sorted(set(req.origin_input_ids) | set(req.output_ids)), device=logits.device)
+            vals = row[seen]
+            row[seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
+        if req.output_ids and (p.frequency_penalty or p.presence_penalty):
+            ids, counts = torch.tensor(req.output_ids, device=logits.device).unique(return_counts=True)
+            row[ids] -= p.frequency_penalty * counts.to(row.dtype) + p.presence_penalty
+
+
+def mask_stop_tokens_before_min(logits: torch.Tensor, reqs: list[Req]) -> None:
+    for i, req in enumerate(reqs):
+        if len(req.output_ids) < req.params.min_new_tokens and req.stop_token_ids:
+            logits[i, list(req.stop_token_ids)] = float("-inf")
+
+
+def filter_probs(probs: torch.Tensor, top_k: int, top_p: float, min_p: float) -> torch.Tensor:
+    """Zero the tokens that top-k, top-p and min-p exclude from one row of probabilities (not renormalised)."""
+    if top_k > 0 and top_k < probs.numel():
+        kth = torch.topk(probs, top_k).values[-1]
+        probs = torch.where(probs >= kth, probs, torch.zeros_like(probs))
+    if top_p < 1.0:
+        sorted_probs, order = probs.sort(descending=True)
+        mass_before = sorted_probs.cumsum(0) - sorted_probs
+        drop = mass_before > top_p * sorted_probs.sum()
+        probs = probs.clone()
+        probs[order[drop]] = 0
+    if min_p > 0:
+        probs = torch.where(probs >= min_p * probs.max(), probs, torch.zeros_like(probs))
+    return probs
+
+
+def sample(logits: torch.Tensor, reqs: list[Req], top_logprobs_nums: list[int]) -> SampleOutput:
+    """logits [B, V] float32 (modified in place)."""
+    want_logprobs = any(r.return_logprob for r in reqs)
+    raw_logprobs = torch.log_softmax(logits, dim=-1) if want_logprobs else None
+    apply_penalties(logits, reqs)
+    mask_stop_tokens_before_min(logits, reqs)
+    tokens: list[int] = []
+    for i, req in enumerate(reqs):
+        p = req.params
+        if p.greedy:
+            tokens.append(int(torch.argmax(logits[i])))
+            continue
+        probs = filter_probs(torch.softmax(logits[i] / p.temperature, dim=-1), p.top_k, p.top_p, p.min_p)
+        cdf = probs.cumsum(0)
+        u = torch.rand((), generator=req.generator, device=probs.device) * cdf[-1]
+        tokens.append(min(int(torch.searchsorted(cdf, u, right=True)), probs.numel() - 1))
+    if raw_logprobs is None:
+        return SampleOutput(tokens, None, None)
+    chosen = raw_logprobs[torch.arange(len(tokens)), torch.tensor(tokens)].tolist()
+    tops = []
+    for i, k in enumerate(top_logprobs_nums):
+        vals, ids = raw_logprobs[i].topk(k) if k > 0 else (torch.empty(0), torch.empty(0, dtype=torch.int64))
+        tops.append(list(zip(ids.tolist(), vals.tolist())))
+    return SampleOutput(tokens, chosen, tops)

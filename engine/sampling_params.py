@@ -1,0 +1,115 @@
+"""SGLang's sampling parameters, their defaults and validation rules (see docs/sglang-api.md)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+
+
+class InvalidParamError(ValueError):
+    """A request parameter is out of range; `param` names the field (for OpenAI-style errors)."""
+
+    def __init__(self, param: str, message: str):
+        super().__init__(f"{param}: {message}")
+        self.param = param
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_new_tokens: int = 128
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    min_p: float = 0.0
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    min_new_tokens: int = 0
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    n: int = 1
+    skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True
+    no_stop_trim: bool = False
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    sampling_seed: int | None = None
+
+    @staticmethod
+    def from_dict(d: dict | None) -> "SamplingParams":
+        """From SGLang's JSON `sampling_params`; unknown keys and wrong types are errors naming the key."""
+        d = dict(d or {})
+        known = {f.name: f for f in fields(SamplingParams)}
+        kwargs = {}
+        for key, value in d.items():
+            if key in ("regex", "json_schema", "ebnf"):
+                if value is not None:
+                    raise InvalidParamError(key, "structured output is not supported yet")
+                continue
+            if key not in known:
+                raise InvalidParamError(key, "unknown sampling parameter")
+            if value is None:
+                continue
+            kwargs[key] = _coerce(key, value)
+        params = SamplingParams(**kwargs)
+        params.validate()
+        return params
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature < 1e-6
+
+    @property
+    def needs_penalties(self) -> bool:
+        return bool(self.frequency_penalty or self.presence_penalty or self.repetition_penalty != 1.0)
+
+    def validate(self) -> None:
+        checks = [
+            ("max_new_tokens", self.max_new_tokens >= 0, "must be >= 0"),
+            ("temperature", self.temperature >= 0, "must be >= 0"),
+            ("top_p", 0 < self.top_p <= 1, "must be in (0, 1]"),
+            ("top_k", self.top_k == -1 or self.top_k >= 1, "must be -1 (all) or >= 1"),
+            ("min_p", 0 <= self.min_p <= 1, "must be in [0, 1]"),
+            ("frequency_penalty", -2 <= self.frequency_penalty <= 2, "must be in [-2, 2]"),
+            ("presence_penalty", -2 <= self.presence_penalty <= 2, "must be in [-2, 2]"),
+            ("repetition_penalty", 0 < self.repetition_penalty <= 2, "must be in (0, 2]"),
+            ("min_new_tokens", 0 <= self.min_new_tokens <= self.max_new_tokens, "must be in [0, max_new_tokens]"),
+            ("n", self.n >= 1, "must be >= 1"),
+            ("stop", all(isinstance(s, str) and s for s in self.stop), "must be non-empty strings"),
+        ]
+        for name, ok, why in checks:
+            if not ok:
+                raise InvalidParamError(name, why)
+
+
+def _coerce(key: str, value):
+    """JSON value → the field's type, refusing lossy or nonsensical conversions."""
+    if key in ("stop",):
+        if isinstance(value, str):
+            return (value,)
+        if isinstance(value, list) and all(isinstance(s, str) for s in value):
+            return tuple(value)
+        raise InvalidParamError(key, "must be a string or a list of strings")
+    if key == "stop_token_ids":
+        if isinstance(value, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in value):
+            return tuple(value)
+        raise InvalidParamError(key, "must be a list of integers")
+    if key == "logit_bias":
+        if not isinstance(value, dict):
+            raise InvalidParamError(key, "must be an object of token id → bias")
+        try:
+            return {int(k): float(v) for k, v in value.items()}
+        except (TypeError, ValueError):
+            raise InvalidParamError(key, "must map integer token ids to numbers") from None
+    if key in ("ignore_eos", "skip_special_tokens", "spaces_between_special_tokens", "no_stop_trim"):
+        if isinstance(value, bool):
+            return value
+        raise InvalidParamError(key, "must be a boolean")
+    if key in ("max_new_tokens", "top_k", "min_new_tokens", "n", "sampling_seed"):
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise InvalidParamError(key, "must be an integer")
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    raise InvalidParamError(key, "must be a number")

@@ -1,0 +1,118 @@
+"""Shared fixtures: tiny random-weight Llama / Qwen2 / Qwen3 models built in-process, and the
+embedded SmolLM2 model (converted once into the repo-local cache)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+os.environ.setdefault("SGLANG_GW_CACHE", str(REPO / ".cache"))
+
+import torch  # noqa: E402
+
+torch.set_num_threads(2)
+
+TINY_VOCAB = 512
+_CORPUS = [
+    "The quick brown fox jumps over the lazy dog. " * 3,
+    "Radix attention reuses the key-value cache of shared prefixes across requests.",
+    "Continuous batching lets requests join and leave between steps of the model.",
+    "Héllo wörld, ünïcödé text with emoji 🙂 and CJK 你好世界 characters.",
+    "def add(a, b):\n    return a + b\n",
+    "Paris is the capital of France; Berlin is the capital of Germany.",
+]
+
+
+def _tiny_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=TINY_VOCAB,
+        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator(_CORPUS * 4, trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|im_end|>", bos_token="<|im_start|>", unk_token="<|endoftext|>",
+        pad_token="<|endoftext|>",
+    )
+    fast.chat_template = (
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+    return fast
+
+
+def build_tiny_model(family: str, path: Path, **overrides) -> Path:
+    """A 2-layer random-weight model saved in HF format with a small BPE tokenizer."""
+    import transformers
+
+    common = dict(
+        vocab_size=TINY_VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+        rms_norm_eps=1e-6, initializer_range=0.08, eos_token_id=2, bos_token_id=1, pad_token_id=0,
+    )
+    if family == "llama":
+        cfg = transformers.LlamaConfig(
+            **common, tie_word_embeddings=False, rope_theta=500000.0,
+            rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                          "original_max_position_embeddings": 256},
+        )
+        cls = transformers.LlamaForCausalLM
+    elif family == "qwen2":
+        cfg = transformers.Qwen2Config(**common, tie_word_embeddings=True, rope_theta=10000.0)
+        cls = transformers.Qwen2ForCausalLM
+    elif family == "qwen3":
+        cfg = transformers.Qwen3Config(**common, head_dim=32, tie_word_embeddings=False, rope_theta=1000000.0)
+        cls = transformers.Qwen3ForCausalLM
+    else:
+        raise ValueError(family)
+    for k, v in overrides.items():
+        setattr(cfg, k, v)
+    torch.manual_seed({"llama": 1, "qwen2": 2, "qwen3": 3}[family])
+    model = cls(cfg).to(torch.float32).eval()
+    if family == "qwen2":  # HF initialises biases to zero; make them matter
+        with torch.no_grad():
+            for layer in model.model.layers:
+                for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                    proj.bias.normal_(0, 0.1)
+    model.save_pretrained(path)
+    _tiny_tokenizer().save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("tiny-models")
+    return {f: build_tiny_model(f, root / f) for f in ("llama", "qwen2", "qwen3")}
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    from sglang_gw.engine.models.builtin import import_builtin
+
+    return import_builtin("builtin:smollm2-135m-instruct")
+
+
+def hf_greedy(model_dir: Path, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
+    """Reference: HF transformers generate, one prompt at a time (no padding), float32, greedy, no EOS stop."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    outs = []
+    with torch.inference_mode():
+        for ids in prompts:
+            gen = model.generate(
+                torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, do_sample=False,
+                eos_token_id=None, pad_token_id=0,
+            )
+            outs.append(gen[0, len(ids):].tolist())
+    return outs

@@ -1,0 +1,55 @@
+"""Greedy output equals HF transformers `generate`, token for token, in float32."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from conftest import hf_greedy
+from sglang_gw.engine import Engine, SamplingParams
+
+GREEDY = SamplingParams(max_new_tokens=24, temperature=0, ignore_eos=True)
+
+
+def _prompts(seed: int) -> list[list[int]]:
+    rng = random.Random(seed)
+    shared = [rng.randrange(3, 500) for _ in range(37)]
+    fresh = [[rng.randrange(3, 500) for _ in range(n)] for n in (1, 5, 16, 17, 63)]
+    # Two prompts extend a shared 37-token prefix: with the cache warm they hit it.
+    return fresh + [shared + [7, 8, 9], shared + [11] * 20]
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
+def test_greedy_matches_hf_with_chunked_prefill_and_cache_hits(tiny_models, family):
+    prompts = _prompts(seed=len(family))
+    expected = hf_greedy(tiny_models[family], prompts, GREEDY.max_new_tokens)
+    with Engine(model=str(tiny_models[family]), max_total_tokens=8192, chunked_prefill_size=16) as engine:
+        cold = engine.generate(prompts, GREEDY)
+        assert [o.output_ids for o in cold] == expected
+        warm = engine.generate(prompts, GREEDY)
+        assert [o.output_ids for o in warm] == expected
+        # Every warm prompt was served from the cache except its last token.
+        assert [o.cached_tokens for o in warm] == [len(p) - 1 for p in prompts]
+        # A new prompt sharing a cached prefix (but not cached itself) still matches HF.
+        extra = prompts[-1][:30] + [5, 6, 7]
+        hit = engine.generate(extra, GREEDY)[0]
+        assert hit.cached_tokens == 30
+        assert hit.output_ids == hf_greedy(tiny_models[family], [extra], GREEDY.max_new_tokens)[0]
+        engine.check_integrity()
+
+
+def test_smollm2_chat_matches_hf(smollm2_dir):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(smollm2_dir)
+    questions = ["What is the capital of France?", "Write a haiku about the sea.", "List three prime numbers."]
+    prompts = [tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True) for q in questions]
+    prompts = [p if isinstance(p, list) else p["input_ids"] for p in prompts]
+    params = SamplingParams(max_new_tokens=32, temperature=0, ignore_eos=True)
+    expected = hf_greedy(smollm2_dir, prompts, 32)
+    with Engine(model="builtin:smollm2-135m-instruct", max_total_tokens=4096, chunked_prefill_size=16) as engine:
+        outs = engine.generate(prompts, params)
+        assert [o.output_ids for o in outs] == expected
+        assert "Paris" in outs[0].text
+        engine.check_integrity()

@@ -1,0 +1,143 @@
+"""Scheduler behaviour on a real engine: memory pressure, prefix reuse, abort, prefill-only requests."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+
+import pytest
+
+from sglang_gw.engine import Engine, SamplingParams
+
+
+def _random_prompts(n: int, seed: int, lo: int = 8, hi: int = 48) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(3, 500) for _ in range(rng.randint(lo, hi))] for _ in range(n)]
+
+
+def test_memory_pressure_retracts_and_still_matches(tiny_models):
+    prompts = _random_prompts(20, seed=7)
+    params = [SamplingParams(max_new_tokens=40 + 3 * i, temperature=0, ignore_eos=True) for i in range(20)]
+    with Engine(model=str(tiny_models["llama"]), max_total_tokens=100_000) as big:
+        expected = [o.output_ids for o in big.generate(prompts, params)]
+    # ~4 requests' worth of KV for 20 concurrent ones; admission is optimistic, so decode runs out.
+    with Engine(model=str(tiny_models["llama"]), max_total_tokens=360, chunked_prefill_size=64) as small:
+        outs = small.generate(prompts, params)
+        assert [o.output_ids for o in outs] == expected
+        assert all(o.finish_reason.type == "length" for o in outs)
+        assert small.scheduler.stats.retractions > 0
+        small.check_integrity()
+
+
+def test_shared_512_prefix_computes_only_new_tokens(tiny_models):
+    rng = random.Random(3)
+    prefix = [rng.randrange(3, 500) for _ in range(512)]
+    first, second = prefix + [10, 11, 12], prefix + [20, 21, 22, 23]
+    params = SamplingParams(max_new_tokens=1, temperature=0)
+    with Engine(model=str(tiny_models["qwen3"]), max_total_tokens=4096, chunked_prefill_size=128) as engine:
+        engine.generate(first, params)
+        before = engine.scheduler.stats.forward_tokens
+        out = engine.generate(second, params)[0]
+        computed = engine.scheduler.stats.forward_tokens - before
+        assert out.cached_tokens >= 511
+        assert computed == len(second) - out.cached_tokens == 4
+        engine.check_integrity()
+
+
+def test_prefill_only_request_caches_the_prompt(tiny_models):
+    prompt = _random_prompts(1, seed=9, lo=100, hi=100)[0]
+    with Engine(model=str(tiny_models["qwen2"]), max_total_tokens=4096) as engine:
+        warm = engine.generate(prompt, SamplingParams(max_new_tokens=0))[0]
+        assert warm.output_ids == [] and warm.finish_reason.type == "length"
+        out = engine.generate(prompt + [42], SamplingParams(max_new_tokens=4, temperature=0))[0]
+        assert out.cached_tokens == len(prompt)
+        engine.check_integrity()
+
+
+async def _wait_for(predicate, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached"
+        await asyncio.sleep(0.001)
+
+
+def test_abort_during_prefill_frees_everything(tiny_models):
+    prompt = _random_prompts(1, seed=11, lo=1500, hi=1500)[0]
+    with Engine(model=str(tiny_models["llama"]), max_total_tokens=4096, chunked_prefill_size=16) as engine:
+        sched = engine.scheduler
+
+        async def run():
+            outs = []
+            agen = engine.generate_stream(prompt, SamplingParams(max_new_tokens=8), rid="long")
+            task = asyncio.ensure_future(_collect(agen, outs))
+            await _wait_for(lambda: sched.chunked is not None and sched.chunked.kv_len >= 64)
+            engine.abort("long")
+            await task
+            return outs
+
+        outs = asyncio.run(run())
+        assert outs[-1].finished and outs[-1].finish_reason.type == "abort"
+        assert outs[-1].output_ids == []
+        assert sched.stats.aborted == 1
+        engine.check_integrity()
+        assert engine.pool.available() + engine.cache.total_size() == engine.pool.size
+        assert engine.cache.protected_size() == 0
+
+
+def test_abort_during_decode_frees_everything(tiny_models):
+    prompts = _random_prompts(3, seed=12)
+    with Engine(model=str(tiny_models["qwen2"]), max_total_tokens=4096) as engine:
+
+        async def run():
+            # The caller walks away after a few tokens: leaving the stream aborts the request.
+            got = 0
+            async for out in engine.generate_stream(prompts[0], SamplingParams(max_new_tokens=500, ignore_eos=True)):
+                got = len(out.output_ids)
+                if got >= 3:
+                    break
+            others = [engine.generate_stream(p, SamplingParams(max_new_tokens=5)) for p in prompts[1:]]
+            return got, [await _last(o) for o in others]
+
+        got, others = asyncio.run(run())
+        assert got == 3
+        assert all(o.finished and o.finish_reason.type != "abort" for o in others)
+        engine.check_integrity()
+        assert engine.scheduler.stats.aborted == 1
+        assert engine.cache.protected_size() == 0
+
+
+def test_lpm_policy_generates_the_same(tiny_models):
+    prompts = _random_prompts(6, seed=13)
+    prompts += [prompts[0] + [1, 2, 3], prompts[1] + [4, 5]]
+    params = SamplingParams(max_new_tokens=8, temperature=0, ignore_eos=True)
+    with Engine(model=str(tiny_models["qwen3"]), max_total_tokens=4096) as fcfs:
+        expected = [o.output_ids for o in fcfs.generate(prompts, params)]
+    with Engine(model=str(tiny_models["qwen3"]), max_total_tokens=4096, schedule_policy="lpm",
+                max_running_requests=2) as lpm:
+        assert [o.output_ids for o in lpm.generate(prompts, params)] == expected
+        lpm.check_integrity()
+
+
+def test_prompt_longer_than_the_pool_is_rejected(tiny_models):
+    from sglang_gw.engine import InvalidParamError
+
+    with Engine(model=str(tiny_models["llama"]), max_total_tokens=64) as engine:
+        with pytest.raises(InvalidParamError) as err:
+            engine.generate(list(range(3, 100)), SamplingParams(max_new_tokens=4))
+        assert err.value.param == "input"
+        # The engine still serves others; max_new_tokens is clipped to what the pool can hold.
+        out = engine.generate(list(range(3, 40)), SamplingParams(max_new_tokens=100, ignore_eos=True))[0]
+        assert len(out.output_ids) == 64 - 37
+
+
+async def _collect(agen, outs):
+    async for out in agen:
+        outs.append(out)
+
+
+async def _last(agen):
+    out = None
+    async for out in agen:
+        pass
+    return out
