@@ -1,8 +1,9 @@
 """Attention backends behind one small interface, chosen by name.
 
 A backend writes each layer's new K/V into the pool and attends over every cached position of each
-request. `torch` is the reference: plain SDPA, runs on CPU and CUDA. A Triton backend will register
-itself here under another name.
+request. `torch` is the reference: plain SDPA, runs on CPU and CUDA. `cpu` is the reference plus a
+staged decode (below), the default on CPU. A Triton backend will register itself here under another
+name.
 """
 
 from __future__ import annotations
@@ -64,8 +65,10 @@ class TorchBackend(AttentionBackend):
         pool_v[self.batch.out_slots] = v
         num_heads, head_dim = q.shape[1], q.shape[2]
         if self.batch.is_decode:
-            keys = pool_k[self.decode_slots].transpose(1, 2)  # [B, KVH, L, D]
-            values = pool_v[self.decode_slots].transpose(1, 2)
+            # index_select copies whole rows; it is ~10x faster on CPU than advanced indexing.
+            shape = (*self.decode_slots.shape, *pool_k.shape[1:])  # [B, L, KVH, D]
+            keys = pool_k.index_select(0, self.decode_slots.flatten()).view(shape).transpose(1, 2)
+            values = pool_v.index_select(0, self.decode_slots.flatten()).view(shape).transpose(1, 2)
             out = F.scaled_dot_product_attention(
                 q[:, :, None, :], keys, values, attn_mask=self.decode_mask, enable_gqa=True
             )
@@ -73,14 +76,126 @@ class TorchBackend(AttentionBackend):
         out = torch.empty_like(q)
         for start, n_new, slots, mask, causal in self.extend_meta:
             qi = q[start : start + n_new].transpose(0, 1)[None]  # [1, H, n, D]
-            keys = pool_k[slots].transpose(0, 1)[None]
-            values = pool_v[slots].transpose(0, 1)[None]
+            keys = pool_k.index_select(0, slots).transpose(0, 1)[None]
+            values = pool_v.index_select(0, slots).transpose(0, 1)[None]
             oi = F.scaled_dot_product_attention(qi, keys, values, attn_mask=mask, is_causal=causal, enable_gqa=True)
             out[start : start + n_new] = oi[0].transpose(0, 1)
         return out.reshape(q.shape[0], num_heads * head_dim)
 
 
-_BACKENDS: dict[str, Callable[[KVPool, ReqToTokenTable], AttentionBackend]] = {"torch": TorchBackend}
+class CpuStagedBackend(TorchBackend):
+    """Decode without re-gathering: a dense copy of the decode batch's KV lives between steps.
+
+    Gathering every request's KV out of the token-granular pool costs more than the attention itself
+    on a CPU (the whole batch's KV is copied per layer per step). Here each decoding request owns a
+    row of a dense buffer [layers, rows, kv_heads, capacity, head_dim]: it is gathered once when the
+    request joins the decode batch, then each step appends one token. Prefill uses the reference path.
+    Costs a second copy of the decode batch's KV (CPU memory is plentiful; GPUs get Triton instead).
+
+    Invariant: for each kv_key in `row_of`, dense row `row_of[key]` holds the KV of that request's
+    first `staged_len[row]` positions, identical to its slots in the pool.
+    """
+
+    GROW = 1.5
+
+    def __init__(self, pool: KVPool, table: ReqToTokenTable):
+        super().__init__(pool, table)
+        self.row_of: dict[int, int] = {}
+        self.staged_len: list[int] = []  # per dense row; 0 = free
+        self.k_dense = self.v_dense = None
+        self.compactions = 0
+
+    def prepare(self, batch: ForwardBatch) -> None:
+        if not batch.is_decode:
+            return super().prepare(batch)
+        self.batch = batch
+        live = set(batch.kv_keys)
+        for key in [k for k in self.row_of if k not in live]:
+            self.staged_len[self.row_of.pop(key)] = 0
+        if max(self.row_of.values(), default=-1) + 1 > 2 * len(self.row_of) + 8:
+            self._compact()
+        self._reserve(len(live), max(batch.seq_lens))
+        rows = []
+        for key, table_row, seq_len in zip(batch.kv_keys, batch.rows, batch.seq_lens):
+            row = self.row_of.get(key)
+            if row is None or self.staged_len[row] != seq_len - 1:
+                row = row if row is not None else self._free_row()
+                self.row_of[key] = row
+                self._stage(row, self.table.table[table_row, : seq_len - 1])
+            self.staged_len[row] = seq_len
+            rows.append(row)
+        device = self.pool.device
+        self.rows = torch.tensor(rows, dtype=torch.int64, device=device)
+        self.write_pos = torch.tensor(batch.seq_lens, dtype=torch.int64, device=device) - 1
+        self.num_rows = max(rows) + 1
+        self.max_len = max(batch.seq_lens)
+        # Rows not in this batch (holes) see position 0 only, so their softmax stays finite.
+        lens = torch.tensor([max(n, 1) for n in self.staged_len[: self.num_rows]], device=device)
+        self.mask = (torch.arange(self.max_len, device=device)[None, :] < lens[:, None])[:, None, None, :]
+
+    def _free_row(self) -> int:
+        for row, n in enumerate(self.staged_len):
+            if n == 0:
+                return row
+        raise AssertionError("no free dense row after _reserve")
+
+    def _reserve(self, rows: int, length: int) -> None:
+        cap_rows = self.k_dense.shape[1] if self.k_dense is not None else 0
+        cap_len = self.k_dense.shape[3] if self.k_dense is not None else 0
+        if rows <= cap_rows and length <= cap_len:
+            return
+        # Grow with headroom: a decode batch gets one token longer every step.
+        new_rows = max(rows, int(cap_rows * self.GROW))
+        new_len = -(-int(max(length, cap_len) * self.GROW) // 64) * 64
+        layers, _, kv_heads, head_dim = self.pool.k.shape
+        shape = (layers, new_rows, kv_heads, new_len, head_dim)
+        k_new = torch.zeros(shape, dtype=self.pool.k.dtype, device=self.pool.device)
+        v_new = torch.zeros_like(k_new)
+        if self.k_dense is not None:
+            k_new[:, :cap_rows, :, :cap_len] = self.k_dense
+            v_new[:, :cap_rows, :, :cap_len] = self.v_dense
+        self.k_dense, self.v_dense = k_new, v_new
+        self.staged_len += [0] * (new_rows - len(self.staged_len))
+
+    def _stage(self, row: int, slots: torch.Tensor) -> None:
+        n = slots.numel()
+        for layer in range(self.pool.k.shape[0]):  # per layer: whole-row copies, faster than one 4-D gather
+            self.k_dense[layer, row, :, :n] = self.pool.k[layer].index_select(0, slots).transpose(0, 1)
+            self.v_dense[layer, row, :, :n] = self.pool.v[layer].index_select(0, slots).transpose(0, 1)
+
+    def _compact(self) -> None:
+        """Move the live rows to the front so that attention does not scan holes."""
+        self.compactions += 1
+        by_row = sorted(self.row_of.items(), key=lambda item: item[1])
+        for new_row, (key, old_row) in enumerate(by_row):
+            if new_row != old_row:  # new_row < old_row: never overwrites a live row not yet moved
+                self.k_dense[:, new_row] = self.k_dense[:, old_row]
+                self.v_dense[:, new_row] = self.v_dense[:, old_row]
+                self.staged_len[new_row], self.staged_len[old_row] = self.staged_len[old_row], 0
+                self.row_of[key] = new_row
+
+    def forward(self, q, k, v, layer):
+        if not self.batch.is_decode:
+            return super().forward(q, k, v, layer)
+        self.pool.k[layer][self.batch.out_slots] = k
+        self.pool.v[layer][self.batch.out_slots] = v
+        k_dense, v_dense = self.k_dense[layer], self.v_dense[layer]
+        k_dense[self.rows, :, self.write_pos] = k
+        v_dense[self.rows, :, self.write_pos] = v
+        num_tokens, num_heads, head_dim = q.shape
+        q_rows = q.new_zeros(self.num_rows, num_heads, head_dim)
+        q_rows[self.rows] = q
+        out = F.scaled_dot_product_attention(
+            q_rows[:, :, None, :], k_dense[: self.num_rows, :, : self.max_len], v_dense[: self.num_rows, :, : self.max_len],
+            attn_mask=self.mask, enable_gqa=True,
+        )
+        return out[self.rows].reshape(num_tokens, num_heads * head_dim)
+
+
+_BACKENDS: dict[str, Callable[[KVPool, ReqToTokenTable], AttentionBackend]] = {
+    "torch": TorchBackend,
+    "cpu": CpuStagedBackend,
+}
 
 
 def create_attention_backend(name: str, pool: KVPool, table: ReqToTokenTable) -> AttentionBackend:

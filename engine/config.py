@@ -24,7 +24,7 @@ class EngineConfig:
     max_prefill_tokens: int = 16384
     schedule_policy: str = "fcfs"
     disable_radix_cache: bool = False
-    attention_backend: str = "torch"
+    attention_backend: str = "auto"  # auto = "cpu" (staged decode) on CPU, "torch" (reference) on CUDA
     num_threads: int | None = None  # torch intra-op threads for this process (None: torch's default)
 
     def __post_init__(self):

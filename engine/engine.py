@@ -59,7 +59,10 @@ class Engine:
         self.pool = KVPool(layout, self._pool_tokens(layout), self.device)
         self.table = ReqToTokenTable(config.max_running_requests, self.context_length + 1, self.device)
         self.cache = RadixCache(self.pool, disable=config.disable_radix_cache)
-        attn = create_attention_backend(config.attention_backend, self.pool, self.table)
+        backend = config.attention_backend
+        if backend == "auto":
+            backend = "cpu" if self.device.type == "cpu" else "torch"
+        attn = create_attention_backend(backend, self.pool, self.table)
         self.scheduler = Scheduler(self.model, attn, self.pool, self.table, self.cache, config.scheduler_config())
 
         self._inbox: deque[tuple[str, object]] = deque()
@@ -233,7 +236,10 @@ class Engine:
         queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
 
         def deliver(out: RequestOutput) -> None:
-            loop.call_soon_threadsafe(queue.put_nowait, out)
+            try:
+                loop.call_soon_threadsafe(queue.put_nowait, out)
+            except RuntimeError:  # the caller's event loop is gone; nobody is listening any more
+                pass
 
         sequences = self._expand_n(prompt, params, rid)
         if len(sequences) > 1:

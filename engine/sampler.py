@@ -76,7 +76,8 @@ def sample(logits: torch.Tensor, reqs: list[Req], top_logprobs_nums: list[int]) 
             continue
         probs = filter_probs(torch.softmax(logits[i] / p.temperature, dim=-1), p.top_k, p.top_p, p.min_p)
         cdf = probs.cumsum(0)
-        u = torch.rand((), generator=req.generator, device=probs.device) * cdf[-1]
+        # The request's generator lives on the CPU whatever the device, so a seed means the same draws.
+        u = torch.rand((), generator=req.generator).to(cdf.device) * cdf[-1]
         tokens.append(min(int(torch.searchsorted(cdf, u, right=True)), probs.numel() - 1))
     if raw_logprobs is None:
         return SampleOutput(tokens, None, None)

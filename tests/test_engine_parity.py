@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 
 import pytest
+import torch
 
 from conftest import hf_greedy
 from sglang_gw.engine import Engine, SamplingParams
@@ -20,11 +21,13 @@ def _prompts(seed: int) -> list[list[int]]:
     return fresh + [shared + [7, 8, 9], shared + [11] * 20]
 
 
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
 @pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
-def test_greedy_matches_hf_with_chunked_prefill_and_cache_hits(tiny_models, family):
+def test_greedy_matches_hf_with_chunked_prefill_and_cache_hits(tiny_models, family, backend):
     prompts = _prompts(seed=len(family))
     expected = hf_greedy(tiny_models[family], prompts, GREEDY.max_new_tokens)
-    with Engine(model=str(tiny_models[family]), max_total_tokens=8192, chunked_prefill_size=16) as engine:
+    with Engine(model=str(tiny_models[family]), max_total_tokens=8192, chunked_prefill_size=16,
+                attention_backend=backend) as engine:
         cold = engine.generate(prompts, GREEDY)
         assert [o.output_ids for o in cold] == expected
         warm = engine.generate(prompts, GREEDY)
@@ -53,3 +56,19 @@ def test_smollm2_chat_matches_hf(smollm2_dir):
         assert [o.output_ids for o in outs] == expected
         assert "Paris" in outs[0].text
         engine.check_integrity()
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_half_precision_tracks_float32(tiny_models, dtype):
+    prompt = _prompts(seed=1)[4]
+    params = SamplingParams(max_new_tokens=4, temperature=0, ignore_eos=True)
+    kwargs = dict(return_logprob=True, top_logprobs_num=5)
+    with Engine(model=str(tiny_models["qwen3"]), max_total_tokens=1024, dtype="float32") as engine:
+        ref = engine.generate(prompt, params, **kwargs)[0]
+    with Engine(model=str(tiny_models["qwen3"]), max_total_tokens=1024, dtype=dtype) as engine:
+        assert engine.pool.k.dtype == getattr(torch, dtype)
+        out = engine.generate(prompt, params, **kwargs)[0]
+    # Same distribution over the first token, up to half-precision rounding.
+    ref_top = dict(ref.output_top_logprobs[0])
+    for token, logprob in out.output_top_logprobs[0][:3]:
+        assert logprob == pytest.approx(ref_top.get(token, -99), abs=0.05)
