@@ -92,7 +92,7 @@ def main() -> None:
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--requests", type=int, default=64)
-    ap.add_argument("--hf-batch-size", type=int, default=64)
+    ap.add_argument("--hf-batch-sizes", default="64,16", help="HF generate batch sizes to compare against")
     ap.add_argument("--kv-cache-gib", type=float, default=3.0)
     ap.add_argument("--skip-hf", action="store_true")
     args = ap.parse_args()
@@ -117,10 +117,10 @@ def main() -> None:
           f"{args.threads} threads")
     print(f"(a) sglang-gw engine: {ours:.1f} s, {gen_tokens / ours:.1f} output tok/s, "
           f"{(gen_tokens + in_tokens) / ours:.1f} total tok/s (retractions: {stats.retractions})")
-    if not args.skip_hf:
-        hf = run_hf(engine.model_path, prompts, out_lens, args.hf_batch_size, args.device)
-        print(f"    HF generate (batch {args.hf_batch_size}): {hf:.1f} s, {gen_tokens / hf:.1f} output tok/s")
-        print(f"    throughput ratio (ours / HF): {hf / ours:.2f}x")
+    for batch_size in [] if args.skip_hf else [int(b) for b in args.hf_batch_sizes.split(",")]:
+        hf = run_hf(engine.model_path, prompts, out_lens, batch_size, args.device)
+        print(f"    HF generate, batches of {batch_size}: {hf:.1f} s, {gen_tokens / hf:.1f} output tok/s; "
+              f"throughput ratio (ours / HF): {hf / ours:.2f}x", flush=True)
     print(f"(b) TTFT with a shared 1,024-token prefix: cold {cold * 1000:.0f} ms, warm {warm * 1000:.0f} ms, "
           f"warm is {cold / warm:.1f}x faster")
     print(f"(c) peak RSS after the engine runs: {peak_rss_gib:.2f} GiB "
