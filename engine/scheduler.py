@@ -238,16 +238,11 @@ class Scheduler:
 
     def _schedule_decode(self) -> list[tuple[Req, int]]:
         self.new_token_ratio = max(MIN_NEW_TOKEN_RATIO, self.new_token_ratio - NEW_TOKEN_RATIO_DECAY)
-        while True:
-            short = len(self.running) - self.pool.available()
-            if short > 0:
-                self.cache.evict(short)
-            if self.pool.available() >= len(self.running) or len(self.running) == 1:
-                break
+        # Each decoding request needs one slot; when even eviction cannot free them, retract.
+        while (slots := self._alloc(len(self.running), allow_retract=False)) is None:
+            if len(self.running) == 1:
+                raise RuntimeError("KV pool cannot hold one more token for a single request")
             self._retract_one()
-        slots = self.pool.alloc(len(self.running))
-        if slots is None:
-            raise RuntimeError("KV pool cannot hold one more token for a single request")
         for req, slot in zip(self.running, slots):
             self.table.table[req.row, req.kv_len] = slot
         return [(req, 1) for req in self.running]
