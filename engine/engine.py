@@ -67,6 +67,8 @@ class Engine:
 
         self._inbox: deque[tuple[str, object]] = deque()
         self._idle_calls: list[tuple[Callable[[], object], _Result]] = []
+        # Outputs produced during a step, per caller event loop; only the scheduler thread touches it.
+        self._outbox: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, RequestOutput]]] = {}
         self._wake = threading.Condition()
         self._stopping = False
         self.error: BaseException | None = None
@@ -111,6 +113,7 @@ class Engine:
                         self._idle_calls.append(arg)
                 if self.scheduler.has_work():
                     self.scheduler.step()
+                    self._flush_outbox()
                 else:
                     calls, self._idle_calls = self._idle_calls, []
                     for fn, result in calls:
@@ -122,6 +125,16 @@ class Engine:
                 if not req.finished:
                     req.finish_reason = FinishReason("abort", message=f"engine error: {exc}")
                     req.on_output(req.snapshot())
+            self._flush_outbox()
+
+    def _flush_outbox(self) -> None:
+        """One wake-up per event loop per step, however many of its streams got output."""
+        outbox, self._outbox = self._outbox, {}
+        for loop, items in outbox.items():
+            try:
+                loop.call_soon_threadsafe(_put_all, items)
+            except RuntimeError:  # the caller's event loop is gone; nobody is listening any more
+                pass
 
     def _send(self, kind: str, arg) -> None:
         if self.error is not None:
@@ -235,11 +248,8 @@ class Engine:
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
 
-        def deliver(out: RequestOutput) -> None:
-            try:
-                loop.call_soon_threadsafe(queue.put_nowait, out)
-            except RuntimeError:  # the caller's event loop is gone; nobody is listening any more
-                pass
+        def deliver(out: RequestOutput) -> None:  # runs on the scheduler thread, inside a step
+            self._outbox.setdefault(loop, []).append((queue, out))
 
         sequences = self._expand_n(prompt, params, rid)
         if len(sequences) > 1:
@@ -270,6 +280,11 @@ class Engine:
 
     def check_integrity(self) -> None:
         self.run_when_idle(self.scheduler.check_integrity)
+
+
+def _put_all(items: list[tuple[asyncio.Queue, RequestOutput]]) -> None:
+    for queue, out in items:
+        queue.put_nowait(out)
 
 
 class _Result:
