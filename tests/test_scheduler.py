@@ -157,3 +157,37 @@ def test_staged_decode_backend_matches_reference_while_the_batch_shrinks(tiny_mo
                 assert engine.scheduler.attn.compactions > 0
             engine.check_integrity()
     assert outputs["cpu"] == outputs["torch"]
+
+
+def _drive_by_hand(engine: Engine, requests: list[tuple[str, list[int], SamplingParams]]) -> list[str]:
+    """Queue requests on a stopped engine's scheduler and step it on this thread; rids in finish order."""
+    from sglang_gw.engine.request import Req
+
+    sched, finished = engine.scheduler, []
+    for rid, prompt, params in requests:
+        sched.add(Req(rid, prompt, params, tokenizer=engine.tokenizer, eos_token_ids=(),
+                      on_output=lambda out: finished.append(out.rid) if out.finished else None))
+    while sched.has_work():
+        sched.step()
+        assert len(sched.active_requests()) <= sched.config.max_running_requests
+    sched.check_integrity()
+    return finished
+
+
+@pytest.mark.parametrize("policy, expected", [("fcfs", ["fresh", "cached"]), ("lpm", ["cached", "fresh"])])
+def test_schedule_policy_orders_admission(tiny_models, policy, expected):
+    cached, fresh = _random_prompts(2, seed=31, lo=60, hi=60)
+    with Engine(model=str(tiny_models["qwen2"]), max_total_tokens=4096, schedule_policy=policy,
+                max_running_requests=1) as engine:
+        engine.generate(cached, SamplingParams(max_new_tokens=0))
+    params = SamplingParams(max_new_tokens=3, ignore_eos=True)
+    order = _drive_by_hand(engine, [("fresh", fresh, params), ("cached", cached + [1, 2], params)])
+    assert order == expected
+
+
+def test_max_running_requests_caps_the_batch(tiny_models):
+    with Engine(model=str(tiny_models["llama"]), max_total_tokens=4096, max_running_requests=3) as engine:
+        pass
+    params = SamplingParams(max_new_tokens=5, ignore_eos=True)
+    requests = [(str(i), p, params) for i, p in enumerate(_random_prompts(8, seed=33))]
+    assert sorted(_drive_by_hand(engine, requests)) == sorted(r[0] for r in requests)
