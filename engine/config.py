@@ -23,6 +23,7 @@ class EngineConfig:
     chunked_prefill_size: int = 2048
     max_prefill_tokens: int = 16384
     schedule_policy: str = "fcfs"
+    batch_log_interval: float = 5.0  # seconds between SGLang-style batch log lines
     disable_radix_cache: bool = False
     attention_backend: str = "auto"  # auto = "cpu" (staged decode) on CPU, "torch" (reference) on CUDA
     num_threads: int | None = None  # torch intra-op threads for this process (None: torch's default)
@@ -49,4 +50,5 @@ class EngineConfig:
             chunked_prefill_size=self.chunked_prefill_size,
             max_prefill_tokens=self.max_prefill_tokens,
             schedule_policy=self.schedule_policy,
+            batch_log_interval=self.batch_log_interval,
         )

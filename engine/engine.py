@@ -8,7 +8,6 @@ class, so there is one code path.
 from __future__ import annotations
 
 import asyncio
-import itertools
 import threading
 import time
 import uuid
@@ -72,7 +71,7 @@ class Engine:
         self._wake = threading.Condition()
         self._stopping = False
         self.error: BaseException | None = None
-        self._rid_counter = itertools.count()
+        self._groups: dict[str, list[str]] = {}  # rid given for n > 1 → its sequences' rids
         self._thread = threading.Thread(target=self._loop, name="sglang-gw-scheduler", daemon=True)
         self._thread.start()
         log.info("engine.ready", seconds=round(time.perf_counter() - started, 2), kv_tokens=self.pool.size,
@@ -109,6 +108,11 @@ class Engine:
                         self.scheduler.add(arg)
                     elif kind == "abort":
                         self.scheduler.abort(arg)
+                    elif kind == "abort_all":
+                        self.scheduler.abort_all()
+                    elif kind == "call_now":
+                        fn, result = arg
+                        result.set(fn)
                     else:
                         self._idle_calls.append(arg)
                 if self.scheduler.has_work():
@@ -207,7 +211,12 @@ class Engine:
         return rid
 
     def abort(self, rid: str) -> None:
-        self._send("abort", rid)
+        """Abort a request by rid; for n > 1, the rid given at submission aborts all n sequences."""
+        for seq_rid in self._groups.get(rid, (rid,)):
+            self._send("abort", seq_rid)
+
+    def abort_all(self) -> None:
+        self._send("abort_all", None)
 
     def _expand_n(self, prompt: Prompt, params: SamplingParams, rid: str | None) -> list[tuple[str | None, SamplingParams]]:
         """n > 1 becomes n sequences with seeds seed, seed+1, … (the prompt is prefilled once first)."""
@@ -252,11 +261,15 @@ class Engine:
             self._outbox.setdefault(loop, []).append((queue, out))
 
         sequences = self._expand_n(prompt, params, rid)
+        if rid is not None and len(sequences) > 1:
+            self._groups[rid] = [seq_rid for seq_rid, _ in sequences]
+        prompt_cached = None
         if len(sequences) > 1:
             # Prefill the shared prompt once so that every sample reuses its KV from the cache.
             prefill_rid = self.submit(prompt, replace(params, n=1, max_new_tokens=0, min_new_tokens=0), deliver)
             while not (out := await queue.get()).finished or out.rid != prefill_rid:
                 pass
+            prompt_cached = out.cached_tokens  # what the cache really saved this request
         pending: set[str] = set()
         try:
             for seq_rid, sp in sequences:
@@ -265,18 +278,49 @@ class Engine:
                 out = await queue.get()
                 if out.finished:
                     pending.discard(out.rid)
-                yield out
+                yield out if prompt_cached is None else replace(out, cached_tokens=prompt_cached)
         finally:
             for left in pending:
                 self.abort(left)
+            self._groups.pop(rid, None)
 
     # ---- introspection (tests, metrics, server info) ---------------------------------------------
 
     def run_when_idle(self, fn: Callable[[], object], timeout: float = 60.0):
         """Call fn on the scheduler thread once it has no work (e.g. the integrity check); its result."""
         result = _Result()
-        self._send("call", (fn, result))
+        self._send("call_idle", (fn, result))
         return result.get(timeout)
+
+    def run_between_steps(self, fn: Callable[[], object], timeout: float = 60.0):
+        """Call fn on the scheduler thread before its next step, busy or not; its result."""
+        result = _Result()
+        self._send("call_now", (fn, result))
+        return result.get(timeout)
+
+    def flush_cache(self) -> bool:
+        """Empty the radix cache; False (and nothing done) while requests are running or waiting."""
+        def flush() -> bool:
+            if self.scheduler.has_work():
+                return False
+            self.cache.reset()
+            return True
+
+        return self.run_between_steps(flush)
+
+    def load(self) -> dict:
+        """Live figures for /get_server_info and /metrics (read without locking: a snapshot)."""
+        s = self.scheduler
+        used = self.pool.size - self.pool.available() - self.cache.evictable_size()
+        return {
+            "num_running_reqs": len(s.active_requests()),
+            "num_queue_reqs": len(s.waiting),
+            "num_used_tokens": used,
+            "max_total_num_tokens": self.pool.size,
+            "token_usage": used / self.pool.size,
+            "cache_hit_rate": s.stats.cached_tokens / s.stats.prompt_tokens if s.stats.prompt_tokens else 0.0,
+            "num_retracted_reqs": s.stats.retractions,
+        }
 
     def check_integrity(self) -> None:
         self.run_when_idle(self.scheduler.check_integrity)

@@ -13,8 +13,10 @@ locked through `last_node`). When idle, free + cached == pool size and nothing i
 from __future__ import annotations
 
 import itertools
+import time
 from dataclasses import dataclass
 
+import structlog
 import torch
 
 from .attention import AttentionBackend
@@ -23,6 +25,8 @@ from .kv_pool import KVPool, ReqToTokenTable
 from .radix_cache import RadixCache
 from .request import FinishReason, Req
 from .sampler import sample
+
+log = structlog.get_logger(__name__)
 
 # SGLang's admission heuristic: reserve a shrinking fraction of each request's remaining max_new_tokens.
 INIT_NEW_TOKEN_RATIO = 0.7
@@ -38,6 +42,7 @@ class SchedulerConfig:
     chunked_prefill_size: int = 2048
     max_prefill_tokens: int = 16384
     schedule_policy: str = "fcfs"  # "fcfs" | "lpm"
+    batch_log_interval: float = 5.0  # seconds between "Prefill batch." / "Decode batch." log lines
 
     def __post_init__(self):
         if self.schedule_policy not in ("fcfs", "lpm"):
@@ -75,6 +80,8 @@ class Scheduler:
         self.stats = SchedulerStats()
         self._abort_rids: set[str] = set()
         self._kv_keys = itertools.count()
+        self._last_log = {True: 0.0, False: 0.0}  # per is_decode: time of the last batch log line
+        self._generated_at_last_log = 0
 
     # ---- requests in and out -------------------------------------------------------------------
 
@@ -84,6 +91,9 @@ class Scheduler:
     def abort(self, rid: str) -> None:
         """Takes effect at the start of the next step (the scheduler thread owns all state)."""
         self._abort_rids.add(rid)
+
+    def abort_all(self) -> None:
+        self._abort_rids.update(r.rid for r in self.waiting + self.active_requests())
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running or self.chunked or self._abort_rids)
@@ -286,9 +296,29 @@ class Scheduler:
         for req, n in batch:
             req.kv_len += n
             req.computed_tokens += n
+        self._log_batch(batch, is_decode)
         for req, first, count in prompt_spans:
             self._record_prompt_logprobs(req, logits[first : first + count], req.kv_len - count)
         self._sample_and_advance(sampled, logits)
+
+    def _log_batch(self, batch: list[tuple[Req, int]], is_decode: bool) -> None:
+        """SGLang's batch log lines (operators grep for them), at most one per interval per kind."""
+        now = time.monotonic()
+        elapsed = now - self._last_log[is_decode]
+        if elapsed < self.config.batch_log_interval:
+            return
+        self._last_log[is_decode] = now
+        used = self.pool.size - self.pool.available() - self.cache.evictable_size()
+        usage = used / self.pool.size
+        if is_decode:
+            generated = self.stats.generated_tokens - self._generated_at_last_log
+            self._generated_at_last_log = self.stats.generated_tokens
+            log.info(f"Decode batch. #running-req: {len(batch)}, #token: {used}, token usage: {usage:.2f}, "
+                     f"gen throughput (token/s): {generated / elapsed:.2f}, #queue-req: {len(self.waiting)}")
+        else:
+            log.info(f"Prefill batch. #new-seq: {len(batch)}, #new-token: {sum(n for _, n in batch)}, "
+                     f"#cached-token: {sum(r.prefix_len for r, _ in batch)}, token usage: {usage:.2f}, "
+                     f"#running-req: {len(self.running)}, #queue-req: {len(self.waiting)}")
 
     def _record_prompt_logprobs(self, req: Req, logits: torch.Tensor, first_pos: int) -> None:
         """Logprob of prompt token p comes from the logits at position p - 1."""

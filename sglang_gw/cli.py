@@ -1,4 +1,4 @@
-"""The `sglang-gw` command. Only subcommands that work are offered; `engine` and `serve` arrive later."""
+"""The `sglang-gw` command. Only subcommands that work are offered; `gateway` and `serve` arrive later."""
 
 from __future__ import annotations
 
@@ -10,8 +10,13 @@ import sys
 import structlog
 
 
-def _configure_logging(verbose: bool) -> None:
+def _configure_logging(verbose: bool, fmt: str = "auto") -> None:
+    if fmt == "auto":
+        fmt = "console" if sys.stderr.isatty() else "json"
+    renderer = structlog.processors.JSONRenderer() if fmt == "json" else structlog.dev.ConsoleRenderer()
     structlog.configure(
+        processors=[structlog.processors.add_log_level, structlog.processors.TimeStamper(fmt="iso"),
+                    structlog.processors.format_exc_info, renderer],
         wrapper_class=structlog.make_filtering_bound_logger(logging.DEBUG if verbose else logging.INFO),
         logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
     )
@@ -67,6 +72,67 @@ def _cmd_generate(args) -> int:
     return 0
 
 
+def _cmd_engine(args) -> int:
+    import os
+
+    import uvloop
+
+    from sglang_gw.engine.config import EngineConfig
+    from sglang_gw.engine.models.builtin import ModelNotFoundError, resolve_model_path
+    from sglang_gw.engine.server import ServerArgs, serve
+
+    try:
+        config = EngineConfig(
+            model=args.model, device=args.device, dtype=args.dtype, max_total_tokens=args.max_total_tokens,
+            kv_cache_bytes=int(args.kv_cache_gib * (1 << 30)), mem_fraction_static=args.mem_fraction_static,
+            context_length=args.context_length, max_running_requests=args.max_running_requests,
+            chunked_prefill_size=args.chunked_prefill_size, schedule_policy=args.schedule_policy,
+            disable_radix_cache=args.disable_radix_cache, attention_backend=args.attention_backend,
+            num_threads=args.num_threads,
+        )
+        resolve_model_path(config.model)  # fail before binding the port: a missing model is fatal
+    except (ValueError, ModelNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    server_args = ServerArgs(
+        engine=config, host=args.host, port=args.port, api_key=args.api_key or os.environ.get("SGLANG_GW_API_KEY"),
+        served_model_name=args.served_model_name, max_queued_requests=args.max_queued_requests,
+        max_request_bytes=args.max_request_bytes, graceful_shutdown_timeout=args.graceful_shutdown_timeout,
+    )
+    return uvloop.run(serve(server_args))
+
+
+def _add_engine_args(p: argparse.ArgumentParser) -> None:
+    from sglang_gw.engine.config import DEFAULT_MODEL, EngineConfig
+
+    d = EngineConfig.__dataclass_fields__
+    p.add_argument("--model", default=DEFAULT_MODEL, help="an embedded model id or an HF model directory")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=30000)
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    p.add_argument("--dtype", default="auto", help="auto (float32 on CPU, bfloat16 on CUDA), float32, bfloat16, float16")
+    p.add_argument("--mem-fraction-static", type=float, default=d["mem_fraction_static"].default,
+                   help="CUDA: fraction of GPU memory for weights + KV cache")
+    p.add_argument("--kv-cache-gib", type=float, default=1.0, help="CPU: KV cache budget in GiB")
+    p.add_argument("--max-total-tokens", type=int, default=None, help="KV cache size in tokens (overrides budgets)")
+    p.add_argument("--context-length", type=int, default=None)
+    p.add_argument("--max-running-requests", type=int, default=d["max_running_requests"].default)
+    p.add_argument("--chunked-prefill-size", type=int, default=d["chunked_prefill_size"].default)
+    p.add_argument("--schedule-policy", default="fcfs", choices=["fcfs", "lpm"])
+    p.add_argument("--disable-radix-cache", action="store_true")
+    p.add_argument("--attention-backend", default="auto", help="auto, torch or cpu")
+    p.add_argument("--num-threads", type=int, default=None, help="torch threads (split the cores between engines)")
+    p.add_argument("--api-key", default=None, help="require this key (also $SGLANG_GW_API_KEY)")
+    p.add_argument("--served-model-name", default=None, help="the model id clients send (default: --model)")
+    p.add_argument("--max-queued-requests", type=int, default=1024,
+                   help="requests beyond --max-running-requests that may wait; more get 503")
+    p.add_argument("--max-request-bytes", type=int, default=16 << 20, help="larger bodies get 413")
+    p.add_argument("--graceful-shutdown-timeout", type=float, default=30.0,
+                   help="seconds in-flight requests get to finish after SIGTERM")
+    p.add_argument("--log-format", default="auto", choices=["auto", "json", "console"])
+    p.set_defaults(func=_cmd_engine)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from sglang_gw.engine.config import DEFAULT_MODEL
 
@@ -80,6 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("--force", action="store_true", help="convert again even if a valid copy exists")
     imp.set_defaults(func=_cmd_model_import)
     model.add_parser("list", help="list embedded model ids").set_defaults(func=_cmd_model_list)
+
+    _add_engine_args(sub.add_parser("engine", help="serve one engine over HTTP (SGLang native + OpenAI API)"))
 
     gen = sub.add_parser("generate", help="generate once from a prompt with the offline engine")
     gen.add_argument("prompt")
@@ -97,7 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    _configure_logging(args.verbose)
+    _configure_logging(args.verbose, getattr(args, "log_format", "auto"))
     return args.func(args)
 
 

@@ -116,3 +116,65 @@ def hf_greedy(model_dir: Path, prompts: list[list[int]], max_new_tokens: int) ->
             )
             outs.append(gen[0, len(ids):].tolist())
     return outs
+
+
+class EngineProcess:
+    """A real `sglang-gw engine` process on a free port; `url` is its base address."""
+
+    def __init__(self, model: str, *extra: str, threads: int = 1):
+        import socket
+        import subprocess
+        import sys
+
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            self.port = sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = Path(os.environ["SGLANG_GW_CACHE"]) / f"engine-{self.port}.log"
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self._log = open(self.log_path, "w")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "sglang_gw.cli", "engine", "--model", model, "--port", str(self.port),
+             "--num-threads", str(threads), "--log-format", "json", *extra],
+            stdout=self._log, stderr=subprocess.STDOUT,
+        )
+
+    def wait_ready(self, timeout: float = 120.0) -> "EngineProcess":
+        import time
+        import urllib.request
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"engine exited with {self.proc.returncode}:\n{self.log_path.read_text()[-3000:]}")
+            try:
+                with urllib.request.urlopen(self.url + "/health", timeout=1) as resp:
+                    if resp.status == 200:
+                        return self
+            except OSError:
+                pass
+            time.sleep(0.1)
+        raise TimeoutError(f"engine not ready after {timeout}s:\n{self.log_path.read_text()[-3000:]}")
+
+    def stop(self) -> int:
+        import signal
+
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=60)
+            except Exception:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+        return self.proc.returncode
+
+
+@pytest.fixture(scope="session")
+def tiny_server(tiny_models):
+    """One engine process on the tiny Llama model, shared by the HTTP tests (served name "tiny")."""
+    server = EngineProcess(str(tiny_models["llama"]), "--served-model-name", "tiny", "--max-total-tokens", "20000")
+    try:
+        yield server.wait_ready()
+    finally:
+        server.stop()

@@ -112,11 +112,15 @@ def test_n_samples_share_the_prompt_kv(engine):
     outs = engine.generate(prompt, SamplingParams(max_new_tokens=10, temperature=1.0, n=3, sampling_seed=7,
                                                    ignore_eos=True))
     assert len(outs) == 3
-    assert all(o.cached_tokens == len(prompt) - 1 for o in outs)
+    assert all(o.cached_tokens == 0 for o in outs)  # the prompt was computed once, for all three
+    before = engine.scheduler.stats.forward_tokens
     assert len({tuple(o.output_ids) for o in outs}) == 3
     again = engine.generate(prompt, SamplingParams(max_new_tokens=10, temperature=1.0, n=3, sampling_seed=7,
                                                     ignore_eos=True))
     assert sorted(o.output_ids for o in again) == sorted(o.output_ids for o in outs)
+    # The second time the prompt is cached: it is computed for none of the three samples.
+    assert all(o.cached_tokens == len(prompt) - 1 for o in again)
+    assert engine.scheduler.stats.forward_tokens - before == 1 + 3 * 10
     engine.check_integrity()
 
 

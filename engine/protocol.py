@@ -1,0 +1,169 @@
+"""Request schemas for the HTTP API (pydantic, strict types), and their translation to SamplingParams.
+
+Unknown top-level fields are ignored, as OpenAI-compatible servers do; unknown *sampling* fields in
+SGLang's `sampling_params` are errors, as in SGLang.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from .errors import APIError, bad_request
+from .sampling_params import InvalidParamError, SamplingParams
+
+
+class _Schema(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+
+class StreamOptions(_Schema):
+    include_usage: bool = False
+
+
+class _SamplingFields(_Schema):
+    """Fields shared by /v1/completions and /v1/chat/completions (OpenAI's and SGLang's extras)."""
+
+    model: str | None = None
+    n: int = 1
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[str, float] | None = None
+    user: str | None = None
+    top_k: int = -1
+    min_p: float = 0.0
+    min_tokens: int = 0
+    repetition_penalty: float = 1.0
+    stop_token_ids: list[int] | None = None
+    no_stop_trim: bool = False
+    ignore_eos: bool = False
+    skip_special_tokens: bool = True
+    regex: str | None = None
+    json_schema: str | None = None
+    ebnf: str | None = None
+    rid: str | None = None
+
+    def sampling_dict(self, max_new_tokens: int | None) -> dict:
+        for name in ("regex", "json_schema", "ebnf"):
+            if getattr(self, name) is not None:
+                raise bad_request("structured output (regex / json_schema / ebnf) is not supported yet", name,
+                                  "unsupported")
+        d = {
+            "temperature": 1.0 if self.temperature is None else self.temperature,
+            "top_p": 1.0 if self.top_p is None else self.top_p,
+            "top_k": self.top_k, "min_p": self.min_p, "n": self.n,
+            "presence_penalty": self.presence_penalty, "frequency_penalty": self.frequency_penalty,
+            "repetition_penalty": self.repetition_penalty, "min_new_tokens": self.min_tokens,
+            "stop": self.stop, "stop_token_ids": self.stop_token_ids, "no_stop_trim": self.no_stop_trim,
+            "ignore_eos": self.ignore_eos, "skip_special_tokens": self.skip_special_tokens,
+            "sampling_seed": self.seed, "logit_bias": self.logit_bias,
+        }
+        if max_new_tokens is not None:
+            d["max_new_tokens"] = max_new_tokens
+        return d
+
+
+class CompletionRequest(_SamplingFields):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int | None = 16
+    logprobs: int | None = Field(None, ge=0, le=20)
+    echo: bool = False
+
+
+class TextPart(_Schema):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(_Schema):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = None
+
+    def text(self) -> str:
+        if isinstance(self.content, list):
+            return "".join(part.text for part in self.content)
+        return self.content or ""
+
+
+class ChatCompletionRequest(_SamplingFields):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+    response_format: dict | None = None
+    tools: list | None = None
+
+    @model_validator(mode="after")
+    def _supported(self):
+        if self.response_format is not None and self.response_format.get("type") != "text":
+            raise ValueError("response_format json_object / json_schema is not supported yet")
+        if self.tools:
+            raise ValueError("tools are not supported yet")
+        return self
+
+
+class GenerateRequest(_Schema):
+    """SGLang's native /generate. A list `text` (or list of lists `input_ids`) is a batch."""
+
+    text: str | list[str] | None = None
+    input_ids: list[int] | list[list[int]] | None = None
+    sampling_params: dict | list[dict] | None = None
+    rid: str | list[str] | None = None
+    stream: bool = False
+    return_logprob: bool | list[bool] = False
+    logprob_start_len: int | list[int] = -1
+    top_logprobs_num: int | list[int] = 0
+    return_text_in_logprobs: bool = False
+
+    @model_validator(mode="after")
+    def _one_input(self):
+        if (self.text is None) == (self.input_ids is None):
+            raise ValueError("give exactly one of text or input_ids")
+        return self
+
+    @property
+    def is_batch(self) -> bool:
+        return isinstance(self.text, list) or (bool(self.input_ids) and isinstance(self.input_ids[0], list))
+
+    def prompts(self) -> list[str | list[int]]:
+        if self.text is not None:
+            return list(self.text) if isinstance(self.text, list) else [self.text]
+        return list(self.input_ids) if self.is_batch else [self.input_ids]
+
+    def per_item(self, name: str, count: int) -> list:
+        """A per-request field broadcast over the batch (a list must have one entry per prompt)."""
+        value = getattr(self, name)
+        if isinstance(value, list):
+            if len(value) != count:
+                raise bad_request(f"{name} has {len(value)} entries for a batch of {count}", name)
+            return value
+        return [value] * count
+
+
+def parse(schema: type[_Schema], body: object) -> _Schema:
+    """Validate a JSON body; the first problem becomes a 400 naming the field."""
+    if not isinstance(body, dict):
+        raise bad_request("the request body must be a JSON object", None, "invalid_json")
+    try:
+        return schema.model_validate(body)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        param = ".".join(str(p) for p in err["loc"]) or None
+        message = err["msg"].removeprefix("Value error, ")
+        raise bad_request(f"{param}: {message}" if param else message, param) from None
+
+
+def sampling_params(d: dict | None) -> SamplingParams:
+    try:
+        return SamplingParams.from_dict(d)
+    except InvalidParamError as exc:
+        code = "unsupported" if "not supported" in str(exc) else "invalid_value"
+        raise APIError(400, str(exc), param=exc.param, code=code) from None

@@ -1,0 +1,484 @@
+"""One engine process over HTTP: SGLang's native API and the OpenAI API (aiohttp + uvloop).
+
+The scheduler runs in the engine's own thread; handlers only await its outputs, so the event loop
+never blocks on the model. Lifecycle: listen at once (health answers 503) → load the model in a
+thread → warm up with a 1-token generation → ready. SIGTERM: stop admitting (503), let in-flight
+requests finish within the grace period, exit 0.
+
+Every generation request goes the same way: admit (ready? queue full?) → parse and validate (400s
+before any byte is sent) → engine.generate_stream → shape the outputs (JSON or SSE). A client that
+goes away cancels the handler, which aborts its requests in the engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import signal
+import time
+import uuid
+from dataclasses import dataclass
+from typing import AsyncIterator
+
+import structlog
+from aiohttp import web
+
+from .config import EngineConfig
+from .engine import Engine
+from .errors import APIError, bad_request
+from .metrics import EngineMetrics
+from .protocol import ChatCompletionRequest, CompletionRequest, GenerateRequest, parse, sampling_params
+from .request import RequestOutput
+from .sampling_params import InvalidParamError, SamplingParams
+
+log = structlog.get_logger(__name__)
+
+# Paths served without an API key: probes and scrapers must not need the users' secret.
+OPEN_PATHS = {"/health", "/health_generate", "/metrics"}
+HEALTH_GENERATE_TIMEOUT = 20.0
+
+
+@dataclass(frozen=True)
+class ServerArgs:
+    engine: EngineConfig
+    host: str = "127.0.0.1"
+    port: int = 30000
+    api_key: str | None = None
+    served_model_name: str | None = None  # default: the --model value
+    max_queued_requests: int = 1024  # beyond max_running_requests; more ⇒ 503 + Retry-After
+    max_request_bytes: int = 16 << 20
+    graceful_shutdown_timeout: float = 30.0
+
+
+class EngineServer:
+    def __init__(self, args: ServerArgs):
+        self.args = args
+        self.served_model_name = args.served_model_name or args.engine.model
+        self.engine: Engine | None = None
+        self.state = "loading"  # loading → ready → draining
+        self.inflight = 0
+        self.idle = asyncio.Event()
+        self.idle.set()
+        self.metrics = EngineMetrics(self)
+        self.app = web.Application(client_max_size=args.max_request_bytes,
+                                   middlewares=[self._errors, self._auth])
+        r = self.app.router
+        r.add_get("/health", self.health)
+        r.add_get("/health_generate", self.health_generate)
+        r.add_get("/get_model_info", self.model_info)
+        r.add_get("/get_server_info", self.server_info)
+        r.add_get("/metrics", self.prometheus)
+        r.add_get("/v1/models", self.models)
+        r.add_post("/generate", self.generate)
+        r.add_post("/v1/completions", self.completions)
+        r.add_post("/v1/chat/completions", self.chat_completions)
+        r.add_route("*", "/flush_cache", self.flush_cache)
+        r.add_post("/abort_request", self.abort_request)
+
+    # ---- lifecycle --------------------------------------------------------------------------------
+
+    async def load(self) -> None:
+        self.engine = await asyncio.to_thread(Engine, self.args.engine)
+        warmup = SamplingParams(max_new_tokens=1, temperature=0)
+        async for _ in self.engine.generate_stream("warm up", warmup):
+            pass
+        self.state = "ready"
+        log.info("server.ready", model=self.served_model_name, host=self.args.host, port=self.args.port)
+
+    async def drain(self) -> None:
+        self.state = "draining"
+        log.info("server.draining", inflight=self.inflight, grace_s=self.args.graceful_shutdown_timeout)
+        try:
+            await asyncio.wait_for(self.idle.wait(), self.args.graceful_shutdown_timeout)
+        except asyncio.TimeoutError:
+            log.warning("server.grace_period_over", aborting=self.inflight)
+            if self.engine is not None:
+                self.engine.abort_all()
+            await asyncio.sleep(0.5)  # let the handlers write their aborted responses
+
+    @contextlib.contextmanager
+    def _admitted(self):
+        """A generation request's slot: refuses while not ready or when the queue is full."""
+        if self.state != "ready":
+            raise APIError(503, f"the server is {self.state}", code="unavailable", headers={"Retry-After": "5"})
+        limit = self.args.engine.max_running_requests + self.args.max_queued_requests
+        if self.inflight >= limit:
+            raise APIError(503, f"too many requests in flight (limit {limit}); retry later", code="queue_full",
+                           headers={"Retry-After": "1"})
+        self.inflight += 1
+        self.idle.clear()
+        try:
+            yield
+        finally:
+            self.inflight -= 1
+            if self.inflight == 0:
+                self.idle.set()
+
+    # ---- middlewares ------------------------------------------------------------------------------
+
+    @web.middleware
+    async def _errors(self, request: web.Request, handler):
+        try:
+            return await handler(request)
+        except APIError as exc:
+            return exc.response()
+        except web.HTTPRequestEntityTooLarge as exc:
+            return APIError(413, f"request body too large (limit {self.args.max_request_bytes} bytes)",
+                            code="body_too_large").response()
+        except web.HTTPNotFound:
+            return APIError(404, f"no such path: {request.path}", code="not_found").response()
+        except web.HTTPMethodNotAllowed:
+            return APIError(405, f"{request.method} is not allowed on {request.path}",
+                            code="method_not_allowed").response()
+
+    @web.middleware
+    async def _auth(self, request: web.Request, handler):
+        key = self.args.api_key
+        if key and request.path not in OPEN_PATHS:
+            given = request.headers.get("x-api-key") or request.headers.get("Authorization", "").removeprefix("Bearer ")
+            if not hmac.compare_digest(given.encode(), key.encode()):
+                raise APIError(401, "invalid or missing API key", code="invalid_api_key")
+        return await handler(request)
+
+    # ---- helpers ----------------------------------------------------------------------------------
+
+    async def _json_body(self, request: web.Request) -> object:
+        raw = await request.read()  # raises HTTPRequestEntityTooLarge past client_max_size
+        try:
+            return json.loads(raw)
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise bad_request(f"malformed JSON: {exc}", None, "invalid_json") from None
+
+    def _check_model(self, model: str | None) -> None:
+        if model is not None and model != self.served_model_name:
+            raise APIError(404, f"model {model!r} is not served here; available: {self.served_model_name!r}",
+                           param="model", code="model_not_found")
+
+    def _prepare(self, prompt: str | list[int], params: SamplingParams) -> list[int]:
+        """Tokenize and validate before any response byte is sent, so errors are plain 400s."""
+        try:
+            input_ids = self.engine.tokenize(prompt)
+            self.engine.validate(input_ids, params)
+        except InvalidParamError as exc:
+            raise APIError(400, str(exc), param=exc.param, code="context_length_exceeded"
+                           if "limit" in str(exc) else "invalid_value") from None
+        return input_ids
+
+    async def _run(self, jobs: list[tuple[list[int], SamplingParams, dict]]) -> AsyncIterator[tuple[int, RequestOutput]]:
+        """Run several prompts at once; yields (job index, snapshot). Leaving early aborts the rest."""
+        queue: asyncio.Queue = asyncio.Queue()
+
+        async def pump(index: int, input_ids, params, kwargs):
+            try:
+                async for out in self.engine.generate_stream(input_ids, params, **kwargs):
+                    await queue.put((index, out))
+                    if out.finished:
+                        self.metrics.observe(out)
+            finally:
+                await queue.put((index, None))
+
+        tasks = [asyncio.create_task(pump(i, *job)) for i, job in enumerate(jobs)]
+        try:
+            running = len(tasks)
+            while running:
+                index, out = await queue.get()
+                if out is None:
+                    running -= 1
+                else:
+                    yield index, out
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    @staticmethod
+    async def _sse(request: web.Request, events: AsyncIterator[dict]) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+        await resp.prepare(request)
+        async with contextlib.aclosing(events):  # a failed write (client gone) aborts the requests now
+            async for event in events:
+                await resp.write(b"data: " + json.dumps(event, ensure_ascii=False).encode() + b"\n\n")
+        await resp.write(b"data: [DONE]\n\n")
+        await resp.write_eof()
+        return resp
+
+    # ---- native endpoints -------------------------------------------------------------------------
+
+    async def health(self, request: web.Request) -> web.Response:
+        if self.state != "ready" or (self.engine and self.engine.error):
+            return web.json_response({"status": self.state}, status=503)
+        return web.json_response({"status": "ok"})
+
+    async def health_generate(self, request: web.Request) -> web.Response:
+        if self.state != "ready":
+            return web.json_response({"status": self.state}, status=503)
+
+        async def one_token():
+            async for out in self.engine.generate_stream([0], SamplingParams(max_new_tokens=1, temperature=0)):
+                if out.finished:
+                    return out
+
+        try:
+            await asyncio.wait_for(one_token(), HEALTH_GENERATE_TIMEOUT)
+        except (asyncio.TimeoutError, RuntimeError) as exc:
+            return web.json_response({"status": "unhealthy", "reason": str(exc) or "timeout"}, status=503)
+        return web.json_response({"status": "ok"})
+
+    async def model_info(self, request: web.Request) -> web.Response:
+        self._require_loaded()
+        return web.json_response({
+            "model_path": str(self.engine.model_path), "tokenizer_path": str(self.engine.model_path),
+            "served_model_name": self.served_model_name, "is_generation": True,
+            "context_length": self.engine.context_length,
+        })
+
+    async def server_info(self, request: web.Request) -> web.Response:
+        self._require_loaded()
+        cfg = self.args.engine
+        return web.json_response({
+            "model_path": cfg.model, "served_model_name": self.served_model_name, "device": cfg.device,
+            "max_running_requests": cfg.max_running_requests, "chunked_prefill_size": cfg.chunked_prefill_size,
+            "schedule_policy": cfg.schedule_policy, "disable_radix_cache": cfg.disable_radix_cache,
+            "context_length": self.engine.context_length, "max_queued_requests": self.args.max_queued_requests,
+            "state": self.state, "inflight_requests": self.inflight, **self.engine.load(),
+        })
+
+    def _require_loaded(self) -> None:
+        if self.engine is None:
+            raise APIError(503, "the model is still loading", code="unavailable", headers={"Retry-After": "5"})
+
+    async def prometheus(self, request: web.Request) -> web.Response:
+        return web.Response(body=self.metrics.render(), content_type="text/plain", charset="utf-8")
+
+    async def flush_cache(self, request: web.Request) -> web.Response:
+        self._require_loaded()
+        if self.inflight or not await asyncio.to_thread(self.engine.flush_cache):
+            raise APIError(400, "cannot flush the cache while requests are running or waiting", code="busy")
+        return web.json_response({"success": True, "message": "Cache flushed."})
+
+    async def abort_request(self, request: web.Request) -> web.Response:
+        self._require_loaded()
+        body = await self._json_body(request)
+        if not isinstance(body, dict) or not isinstance(body.get("rid", ""), str):
+            raise bad_request("expected {\"rid\": str, \"abort_all\": bool}", "rid")
+        if body.get("abort_all"):
+            self.engine.abort_all()
+        elif body.get("rid"):
+            self.engine.abort(body["rid"])
+        else:
+            raise bad_request("give rid or abort_all", "rid")
+        return web.json_response({"success": True})
+
+    async def generate(self, request: web.Request) -> web.StreamResponse:
+        body = await self._json_body(request)
+        with self._admitted():
+            req = parse(GenerateRequest, body)
+            prompts = req.prompts()
+            if not prompts:
+                raise bad_request("the batch is empty", "text" if req.text is not None else "input_ids")
+            count = len(prompts)
+            rids = req.per_item("rid", count) if req.rid is not None else [uuid.uuid4().hex for _ in prompts]
+            jobs = []
+            for i, (prompt, sp, rid, lp, start, top) in enumerate(zip(
+                    prompts, req.per_item("sampling_params", count), rids, req.per_item("return_logprob", count),
+                    req.per_item("logprob_start_len", count), req.per_item("top_logprobs_num", count))):
+                params = sampling_params(sp)
+                kwargs = dict(rid=rid, return_logprob=lp, logprob_start_len=start, top_logprobs_num=top)
+                jobs.append((self._prepare(prompt, params), params, kwargs))
+            with_text = req.return_text_in_logprobs
+            n_total = sum(job[1].n for job in jobs)
+            as_list = req.is_batch or n_total > 1
+            if req.stream:
+                async def events():
+                    async for i, out in self._run(jobs):
+                        event = self._native(out, jobs[i][2]["return_logprob"], with_text)
+                        yield dict(event, index=i) if as_list else event
+                return await self._sse(request, events())
+            results = [self._native(out, jobs[i][2]["return_logprob"], with_text)
+                       async for i, out in self._run(jobs) if out.finished]
+            return web.json_response(results if as_list else results[0])
+
+    def _native(self, out: RequestOutput, return_logprob: bool, with_text: bool) -> dict:
+        meta = {
+            "id": out.rid, "finish_reason": out.finish_reason.to_json() if out.finish_reason else None,
+            "prompt_tokens": out.prompt_tokens, "completion_tokens": out.completion_tokens,
+            "cached_tokens": out.cached_tokens, "e2e_latency": out.e2e_latency,
+        }
+        if return_logprob:
+            text = self._token_text if with_text else (lambda _: None)
+            meta["input_token_logprobs"] = [[lp, t, text(t)] for lp, t in out.input_token_logprobs]
+            meta["output_token_logprobs"] = [[lp, t, text(t)] for lp, t in out.output_token_logprobs]
+            meta["input_top_logprobs"] = [[[lp, t, text(t)] for t, lp in top] for top in out.input_top_logprobs]
+            meta["output_top_logprobs"] = [[[lp, t, text(t)] for t, lp in top] for top in out.output_top_logprobs]
+        return {"text": out.text, "output_ids": out.output_ids, "meta_info": meta}
+
+    def _token_text(self, token_id: int) -> str:
+        return self.engine.tokenizer.decode([token_id])
+
+    # ---- OpenAI endpoints -------------------------------------------------------------------------
+
+    async def models(self, request: web.Request) -> web.Response:
+        self._require_loaded()
+        return web.json_response({"object": "list", "data": [{
+            "id": self.served_model_name, "object": "model", "created": int(time.time()), "owned_by": "sglang-gw",
+            "root": str(self.engine.model_path), "max_model_len": self.engine.context_length,
+        }]})
+
+    async def completions(self, request: web.Request) -> web.StreamResponse:
+        body = await self._json_body(request)
+        with self._admitted():
+            req = parse(CompletionRequest, body)
+            self._check_model(req.model)
+            if req.echo:
+                raise bad_request("echo is not supported", "echo", "unsupported")
+            batch = isinstance(req.prompt, list) and req.prompt and not isinstance(req.prompt[0], int)
+            prompts = req.prompt if batch else [req.prompt]
+            params = sampling_params(req.sampling_dict(req.max_tokens))
+            return await self._openai(request, req, prompts, params, top=req.logprobs, chat=False)
+
+    async def chat_completions(self, request: web.Request) -> web.StreamResponse:
+        body = await self._json_body(request)
+        with self._admitted():
+            req = parse(ChatCompletionRequest, body)
+            self._check_model(req.model)
+            max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+            # No limit given: up to the context, which engine.validate clips to.
+            params = sampling_params(req.sampling_dict(max_tokens if max_tokens is not None
+                                                       else self.engine.context_length))
+            messages = [{"role": m.role, "content": m.text()} for m in req.messages]
+            try:
+                text = self.engine.apply_chat_template(messages)
+            except Exception as exc:  # the template itself may refuse a conversation (e.g. role order)
+                raise bad_request(f"chat template failed: {exc}", "messages") from None
+            # The rendered template already holds its special tokens (BOS included, where it has one).
+            prompt = self.engine.tokenizer.encode(text, add_special_tokens=False)
+            top = (req.top_logprobs or 0) if req.logprobs else None
+            return await self._openai(request, req, [prompt], params, top=top, chat=True)
+
+    async def _openai(self, request, req, prompts, params: SamplingParams, top: int | None, chat: bool):
+        """Both OpenAI endpoints: one job per prompt; choice index = prompt index * n + sample index."""
+        base = req.rid or uuid.uuid4().hex
+        kwargs = dict(return_logprob=top is not None, top_logprobs_num=top or 0)
+        jobs = [(self._prepare(p, params), params, dict(kwargs, rid=f"{base}-{i}")) for i, p in enumerate(prompts)]
+        object_id = ("chatcmpl-" if chat else "cmpl-") + base
+        created = int(time.time())
+
+        def choice_index(job: int, out: RequestOutput) -> int:
+            sample = int(out.rid.rsplit("-", 1)[1]) if params.n > 1 else 0
+            return job * params.n + sample
+
+        if req.stream:
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            return await self._sse(request, self._openai_stream(jobs, chat, object_id, created, choice_index,
+                                                                include_usage))
+        finals: dict[int, tuple[int, RequestOutput]] = {}
+        async for job, out in self._run(jobs):
+            if out.finished:
+                finals[choice_index(job, out)] = (job, out)
+        choices = []
+        for index in sorted(finals):
+            job, out = finals[index]
+            choice = {"index": index, "finish_reason": _finish(out)}
+            if chat:
+                choice["message"] = {"role": "assistant", "content": out.text}
+                choice["logprobs"] = self._chat_logprobs(out, 0) if top is not None else None
+            else:
+                choice["text"] = out.text
+                choice["logprobs"] = self._completion_logprobs(out, 0) if top is not None else None
+            choices.append(choice)
+        return web.json_response({
+            "id": object_id, "object": "chat.completion" if chat else "text_completion", "created": created,
+            "model": self.served_model_name, "choices": choices, "usage": _usage(list(finals.values())),
+        })
+
+    async def _openai_stream(self, jobs, chat: bool, object_id: str, created: int, choice_index,
+                             include_usage: bool) -> AsyncIterator[dict]:
+        shown_text: dict[int, int] = {}  # per choice: characters and tokens already sent
+        shown_tokens: dict[int, int] = {}
+        finals: list[tuple[int, RequestOutput]] = []
+        chunk = {"id": object_id, "object": "chat.completion.chunk" if chat else "text_completion",
+                 "created": created, "model": self.served_model_name}
+        with_logprobs = jobs[0][2]["return_logprob"]
+        async for job, out in self._run(jobs):
+            index = choice_index(job, out)
+            first = index not in shown_text
+            delta_text = out.text[shown_text.get(index, 0):]
+            if not (delta_text or out.finished or first):
+                continue  # nothing new to show yet (a held-back partial character or stop string)
+            start = shown_tokens.get(index, 0)
+            choice = {"index": index, "finish_reason": _finish(out)}
+            if chat:
+                choice["delta"] = {"role": "assistant", "content": delta_text} if first else {"content": delta_text}
+                choice["logprobs"] = self._chat_logprobs(out, start) if with_logprobs else None
+            else:
+                choice["text"] = delta_text
+                choice["logprobs"] = self._completion_logprobs(out, start) if with_logprobs else None
+            shown_text[index], shown_tokens[index] = len(out.text), len(out.output_token_logprobs)
+            if out.finished:
+                finals.append((job, out))
+            yield dict(chunk, choices=[choice], usage=None)
+        if include_usage:
+            yield dict(chunk, choices=[], usage=_usage(finals))
+
+    def _chat_logprobs(self, out: RequestOutput, start: int) -> dict:
+        def entry(token_id: int, logprob: float) -> dict:
+            text = self._token_text(token_id)
+            return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+
+        content = []
+        for (logprob, token_id), top in zip(out.output_token_logprobs[start:], out.output_top_logprobs[start:]):
+            content.append(dict(entry(token_id, logprob), top_logprobs=[entry(t, lp) for t, lp in top]))
+        return {"content": content}
+
+    def _completion_logprobs(self, out: RequestOutput, start: int) -> dict:
+        tokens = [self._token_text(t) for _, t in out.output_token_logprobs[start:]]
+        return {
+            "tokens": tokens,
+            "token_logprobs": [lp for lp, _ in out.output_token_logprobs[start:]],
+            "top_logprobs": [{self._token_text(t): lp for t, lp in top} for top in out.output_top_logprobs[start:]],
+            "text_offset": [sum(len(x) for x in tokens[:i]) for i in range(len(tokens))],
+        }
+
+
+def _finish(out: RequestOutput) -> str | None:
+    if out.finish_reason is None:
+        return None
+    return {"stop": "stop", "length": "length"}.get(out.finish_reason.type, "abort")
+
+
+def _usage(finals: list[tuple[int, RequestOutput]]) -> dict:
+    """Prompt tokens count once per prompt (the n samples of one prompt share it), as OpenAI does."""
+    per_prompt = {job: out for job, out in finals}
+    prompt_tokens = sum(o.prompt_tokens for o in per_prompt.values())
+    completion = sum(o.completion_tokens for _, o in finals)
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion, "total_tokens": prompt_tokens + completion,
+            "prompt_tokens_details": {"cached_tokens": sum(o.cached_tokens for o in per_prompt.values())}}
+
+
+async def serve(args: ServerArgs) -> int:
+    server = EngineServer(args)
+    runner = web.AppRunner(server.app, handler_cancellation=True, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, args.host, args.port).start()
+    log.info("server.listening", host=args.host, port=args.port, model=args.engine.model)
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    loading = asyncio.create_task(server.load())
+    stopping = asyncio.create_task(stop.wait())
+    await asyncio.wait({loading, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    if loading.done() and loading.exception() is not None:
+        log.error("server.load_failed", error=str(loading.exception()))
+        await runner.cleanup()
+        return 1
+    await stopping
+    loading.cancel()
+    await server.drain()
+    await runner.cleanup()
+    if server.engine is not None:
+        server.engine.shutdown()
+    log.info("server.stopped")
+    return 0
