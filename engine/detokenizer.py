@@ -7,6 +7,11 @@ tail that could be the start of a stop string, so a client never sees part of a 
 
 from __future__ import annotations
 
+import functools
+import re
+
+from transformers.models.gpt2.tokenization_gpt2 import bytes_to_unicode
+
 # Tokens re-decoded before the new ones so that tokenizers that merge spaces or bytes across token
 # boundaries (SentencePiece, byte-level BPE) produce the same text as decoding everything at once.
 _CONTEXT_TOKENS = 5
@@ -72,3 +77,34 @@ class StopStringMatcher:
             if any(stop.startswith(tail) for stop in self.stops):
                 return n
         return 0
+
+
+_BYTE_OF_CHAR = {char: byte for byte, char in bytes_to_unicode().items()}
+_BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+
+
+@functools.lru_cache(maxsize=None)
+def _is_byte_level(tokenizer) -> bool:
+    decoder = getattr(getattr(tokenizer, "backend_tokenizer", None), "decoder", None)
+    return type(decoder).__name__ == "ByteLevel"
+
+
+def token_bytes(tokenizer, token_id: int) -> bytes:
+    """The exact bytes one token stands for, even when it is only part of a UTF-8 character
+    (byte-level BPE pieces, or SentencePiece byte fallback `<0xNN>`)."""
+    piece = tokenizer.convert_ids_to_tokens(token_id)
+    if piece is not None:
+        if match := _BYTE_TOKEN.fullmatch(piece):
+            return bytes([int(match[1], 16)])
+        if _is_byte_level(tokenizer) and all(ch in _BYTE_OF_CHAR for ch in piece):
+            return bytes(_BYTE_OF_CHAR[ch] for ch in piece)
+    return tokenizer.decode([token_id]).encode()
+
+
+def token_label(tokenizer, token_id: int) -> str:
+    """A token's text for logprob listings; OpenAI's `bytes:\\xNN` form when it is not valid UTF-8."""
+    raw = token_bytes(tokenizer, token_id)
+    try:
+        return raw.decode()
+    except UnicodeDecodeError:
+        return "bytes:" + "".join(f"\\x{b:02x}" for b in raw)

@@ -47,8 +47,9 @@ class SchedulerConfig:
     def __post_init__(self):
         if self.schedule_policy not in ("fcfs", "lpm"):
             raise ValueError(f"schedule_policy must be 'fcfs' or 'lpm', not {self.schedule_policy!r}")
-        if self.max_running_requests < 1 or self.chunked_prefill_size < 1:
-            raise ValueError("max_running_requests and chunked_prefill_size must be >= 1")
+        for name in ("max_running_requests", "chunked_prefill_size", "max_prefill_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: must be >= 1 (got {getattr(self, name)!r})")
 
 
 @dataclass

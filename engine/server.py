@@ -30,6 +30,7 @@ from .engine import Engine
 from .errors import APIError, bad_request
 from .metrics import EngineMetrics
 from .protocol import ChatCompletionRequest, CompletionRequest, GenerateRequest, parse, sampling_params
+from .detokenizer import token_bytes, token_label
 from .request import RequestOutput
 from .sampling_params import InvalidParamError, SamplingParams
 
@@ -315,7 +316,7 @@ class EngineServer:
         return {"text": out.text, "output_ids": out.output_ids, "meta_info": meta}
 
     def _token_text(self, token_id: int) -> str:
-        return self.engine.tokenizer.decode([token_id])
+        return token_label(self.engine.tokenizer, token_id)
 
     # ---- OpenAI endpoints -------------------------------------------------------------------------
 
@@ -397,6 +398,7 @@ class EngineServer:
                              include_usage: bool) -> AsyncIterator[dict]:
         shown_text: dict[int, int] = {}  # per choice: characters and tokens already sent
         shown_tokens: dict[int, int] = {}
+        shown_offset: dict[int, int] = {}  # completions logprobs: text_offset continues across chunks
         finals: list[tuple[int, RequestOutput]] = []
         chunk = {"id": object_id, "object": "chat.completion.chunk" if chat else "text_completion",
                  "created": created, "model": self.served_model_name}
@@ -414,7 +416,10 @@ class EngineServer:
                 choice["logprobs"] = self._chat_logprobs(out, start) if with_logprobs else None
             else:
                 choice["text"] = delta_text
-                choice["logprobs"] = self._completion_logprobs(out, start) if with_logprobs else None
+                choice["logprobs"] = (self._completion_logprobs(out, start, shown_offset.get(index, 0))
+                                      if with_logprobs else None)
+                if with_logprobs:
+                    shown_offset[index] = shown_offset.get(index, 0) + sum(map(len, choice["logprobs"]["tokens"]))
             shown_text[index], shown_tokens[index] = len(out.text), len(out.output_token_logprobs)
             if out.finished:
                 finals.append((job, out))
@@ -424,21 +429,26 @@ class EngineServer:
 
     def _chat_logprobs(self, out: RequestOutput, start: int) -> dict:
         def entry(token_id: int, logprob: float) -> dict:
-            text = self._token_text(token_id)
-            return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+            return {"token": self._token_text(token_id), "logprob": logprob,
+                    "bytes": list(token_bytes(self.engine.tokenizer, token_id))}
 
         content = []
         for (logprob, token_id), top in zip(out.output_token_logprobs[start:], out.output_top_logprobs[start:]):
             content.append(dict(entry(token_id, logprob), top_logprobs=[entry(t, lp) for t, lp in top]))
         return {"content": content}
 
-    def _completion_logprobs(self, out: RequestOutput, start: int) -> dict:
+    def _completion_logprobs(self, out: RequestOutput, start: int, text_offset: int = 0) -> dict:
+        """Tokens from `start` on; offsets count from `text_offset` (the text already streamed)."""
         tokens = [self._token_text(t) for _, t in out.output_token_logprobs[start:]]
+        offsets = []
+        for token in tokens:
+            offsets.append(text_offset)
+            text_offset += len(token)
         return {
             "tokens": tokens,
             "token_logprobs": [lp for lp, _ in out.output_token_logprobs[start:]],
             "top_logprobs": [{self._token_text(t): lp for t, lp in top} for top in out.output_top_logprobs[start:]],
-            "text_offset": [sum(len(x) for x in tokens[:i]) for i in range(len(tokens))],
+            "text_offset": offsets,
         }
 
 

@@ -1,0 +1,34 @@
+"""The `sglang-gw` command line: working subcommands, and refusing bad configuration by name."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "sglang_gw.cli", *args], capture_output=True, text=True,
+                          timeout=120)
+
+
+@pytest.mark.parametrize("args, field", [
+    (["--max-running-requests", "0"], "max_running_requests"),
+    (["--dtype", "float8"], "dtype"),
+    (["--mem-fraction-static", "1.5"], "mem_fraction_static"),
+    (["--chunked-prefill-size", "-1"], "chunked_prefill_size"),
+    (["--model", "/nonexistent/model"], "/nonexistent/model"),
+])
+def test_engine_refuses_invalid_config_naming_the_field(args, field):
+    result = _cli("engine", *args)
+    assert result.returncode == 2
+    assert field in result.stderr
+
+
+def test_model_list_and_generate(tiny_models):
+    assert "builtin:smollm2-135m-instruct" in _cli("model", "list").stdout
+    result = _cli("generate", "Paris is", "--model", str(tiny_models["qwen2"]), "--raw", "--max-new-tokens", "5",
+                  "--threads", "1")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip(), "no text was generated"
