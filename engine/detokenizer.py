@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 import re
 
-from transformers.models.gpt2.tokenization_gpt2 import bytes_to_unicode
+from transformers.convert_slow_tokenizer import bytes_to_unicode  # GPT-2 byte ↔ char table
 
 # Tokens re-decoded before the new ones so that tokenizers that merge spaces or bytes across token
 # boundaries (SentencePiece, byte-level BPE) produce the same text as decoding everything at once.
