@@ -72,6 +72,7 @@ class Engine:
         self._stopping = False
         self.error: BaseException | None = None
         self._groups: dict[str, list[str]] = {}  # rid given for n > 1 → its sequences' rids
+        self._live: dict[str, Req] = {}  # submitted and not finished, by rid
         self._thread = threading.Thread(target=self._loop, name="sglang-gw-scheduler", daemon=True)
         self._thread.start()
         log.info("engine.ready", seconds=round(time.perf_counter() - started, 2), kv_tokens=self.pool.size,
@@ -125,7 +126,7 @@ class Engine:
         except BaseException as exc:  # a broken step leaves KV state unknown: fail everyone, stop
             self.error = exc
             log.exception("engine.scheduler_failed")
-            for req in self.scheduler.waiting + self.scheduler.active_requests():
+            for req in list(self._live.values()):  # including any caught mid-step in a batch
                 if not req.finished:
                     req.finish_reason = FinishReason("abort", message=f"engine error: {exc}")
                     req.on_output(req.snapshot())
@@ -169,16 +170,23 @@ class Engine:
     def apply_chat_template(self, messages: list[dict]) -> str:
         return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
-    def validate(self, input_ids: list[int], params: SamplingParams) -> SamplingParams:
-        """Reject prompts that cannot run; clip max_new_tokens to what the context and pool allow."""
+    def validate(self, input_ids: list[int], params: SamplingParams, top_logprobs_num: int = 0,
+                 prompt_field: str = "input_ids") -> SamplingParams:
+        """Reject what cannot run (naming the field); clip max_new_tokens to what the context and pool
+        allow. Everything the scheduler thread indexes with is checked here, before it gets there."""
+        vocab = self.model.config.vocab_size
         if not input_ids:
-            raise InvalidParamError("input", "the prompt is empty")
-        if any(not 0 <= t < self.model.config.vocab_size for t in input_ids):
-            raise InvalidParamError("input_ids", f"token ids must be in [0, {self.model.config.vocab_size})")
+            raise InvalidParamError(prompt_field, "the prompt is empty")
+        for field, ids in (("input_ids", input_ids), ("stop_token_ids", params.stop_token_ids),
+                           ("logit_bias", params.logit_bias)):
+            if any(not 0 <= t < vocab for t in ids):
+                raise InvalidParamError(field, f"token ids must be in [0, {vocab})")
+        if not 0 <= top_logprobs_num <= vocab:
+            raise InvalidParamError("top_logprobs_num", f"must be in [0, {vocab}]")
         limit = min(self.context_length, self.pool.size)
         if len(input_ids) >= limit:
             raise InvalidParamError(
-                "input", f"the prompt has {len(input_ids)} tokens; this engine's limit is {limit - 1}"
+                prompt_field, f"the prompt has {len(input_ids)} tokens; this engine's limit is {limit - 1}"
             )
         if len(input_ids) + params.max_new_tokens > limit:
             params = replace(params, max_new_tokens=limit - len(input_ids))
@@ -199,14 +207,20 @@ class Engine:
     ) -> str:
         """Queue one sequence (n is handled by the callers below); returns its rid."""
         input_ids = self.tokenize(prompt)
-        params = self.validate(input_ids, params)
+        params = self.validate(input_ids, params, top_logprobs_num)
         rid = rid or uuid.uuid4().hex
+        def track(out: RequestOutput) -> None:
+            if out.finished:
+                self._live.pop(rid, None)
+            on_output(out)
+
         req = Req(
             rid, input_ids, params,
-            tokenizer=self.tokenizer, eos_token_ids=self.eos_token_ids, on_output=on_output,
+            tokenizer=self.tokenizer, eos_token_ids=self.eos_token_ids, on_output=track,
             return_logprob=return_logprob, logprob_start_len=logprob_start_len, top_logprobs_num=top_logprobs_num,
             seed=seed if seed is not None else params.sampling_seed,
         )
+        self._live[rid] = req
         self._send("add", req)
         return rid
 

@@ -148,6 +148,9 @@ class GenerateRequest(_Schema):
         return [value] * count
 
 
+_TYPE_TAGS = {"str", "int", "float", "bool", "dict", "list", "none"}
+
+
 def parse(schema: type[_Schema], body: object) -> _Schema:
     """Validate a JSON body; the first problem becomes a 400 naming the field."""
     if not isinstance(body, dict):
@@ -156,7 +159,10 @@ def parse(schema: type[_Schema], body: object) -> _Schema:
         return schema.model_validate(body)
     except ValidationError as exc:
         err = exc.errors()[0]
-        param = ".".join(str(p) for p in err["loc"]) or None
+        # pydantic tags union members in the location ("text.str", "input_ids.list[int].1"): keep
+        # only the request's own field names and list indexes.
+        param = ".".join(str(p) for p in err["loc"] if isinstance(p, int) or p.isidentifier()
+                         and p not in _TYPE_TAGS) or None
         message = err["msg"].removeprefix("Value error, ")
         raise bad_request(f"{param}: {message}" if param else message, param) from None
 

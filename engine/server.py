@@ -133,6 +133,12 @@ class EngineServer:
         except web.HTTPMethodNotAllowed:
             return APIError(405, f"{request.method} is not allowed on {request.path}",
                             code="method_not_allowed").response()
+        except web.HTTPException:
+            raise
+        except Exception as exc:  # noqa: BLE001 — never a bare 500 page: an OpenAI body, and a log line
+            log.exception("server.request_failed", path=request.path)
+            status = 503 if self.engine is not None and self.engine.error is not None else 500
+            return APIError(status, f"internal error: {exc}", code="internal_error").response()
 
     @web.middleware
     async def _auth(self, request: web.Request, handler):
@@ -157,11 +163,12 @@ class EngineServer:
             raise APIError(404, f"model {model!r} is not served here; available: {self.served_model_name!r}",
                            param="model", code="model_not_found")
 
-    def _prepare(self, prompt: str | list[int], params: SamplingParams) -> list[int]:
+    def _prepare(self, prompt: str | list[int], params: SamplingParams, top_logprobs_num: int,
+                 field: str) -> list[int]:
         """Tokenize and validate before any response byte is sent, so errors are plain 400s."""
         try:
             input_ids = self.engine.tokenize(prompt)
-            self.engine.validate(input_ids, params)
+            self.engine.validate(input_ids, params, top_logprobs_num, prompt_field=field)
         except InvalidParamError as exc:
             raise APIError(400, str(exc), param=exc.param, code="context_length_exceeded"
                            if "limit" in str(exc) else "invalid_value") from None
@@ -208,7 +215,9 @@ class EngineServer:
     # ---- native endpoints -------------------------------------------------------------------------
 
     async def health(self, request: web.Request) -> web.Response:
-        if self.state != "ready" or (self.engine and self.engine.error):
+        if self.engine is not None and self.engine.error is not None:
+            return web.json_response({"status": "unhealthy", "reason": str(self.engine.error)}, status=503)
+        if self.state != "ready":
             return web.json_response({"status": self.state}, status=503)
         return web.json_response({"status": "ok"})
 
@@ -287,7 +296,8 @@ class EngineServer:
                     req.per_item("logprob_start_len", count), req.per_item("top_logprobs_num", count))):
                 params = sampling_params(sp)
                 kwargs = dict(rid=rid, return_logprob=lp, logprob_start_len=start, top_logprobs_num=top)
-                jobs.append((self._prepare(prompt, params), params, kwargs))
+                field = "text" if req.text is not None else "input_ids"
+                jobs.append((self._prepare(prompt, params, top, field), params, kwargs))
             with_text = req.return_text_in_logprobs
             n_total = sum(job[1].n for job in jobs)
             as_list = req.is_batch or n_total > 1
@@ -362,7 +372,9 @@ class EngineServer:
         """Both OpenAI endpoints: one job per prompt; choice index = prompt index * n + sample index."""
         base = req.rid or uuid.uuid4().hex
         kwargs = dict(return_logprob=top is not None, top_logprobs_num=top or 0)
-        jobs = [(self._prepare(p, params), params, dict(kwargs, rid=f"{base}-{i}")) for i, p in enumerate(prompts)]
+        field = "messages" if chat else "prompt"
+        jobs = [(self._prepare(p, params, top or 0, field), params, dict(kwargs, rid=f"{base}-{i}"))
+                for i, p in enumerate(prompts)]
         object_id = ("chatcmpl-" if chat else "cmpl-") + base
         created = int(time.time())
 

@@ -125,7 +125,7 @@ def test_prompt_longer_than_the_pool_is_rejected(tiny_models):
     with Engine(model=str(tiny_models["llama"]), max_total_tokens=64) as engine:
         with pytest.raises(InvalidParamError) as err:
             engine.generate(list(range(3, 100)), SamplingParams(max_new_tokens=4))
-        assert err.value.param == "input"
+        assert err.value.param == "input_ids"
         # The engine still serves others; max_new_tokens is clipped to what the pool can hold.
         out = engine.generate(list(range(3, 40)), SamplingParams(max_new_tokens=100, ignore_eos=True))[0]
         assert len(out.output_ids) == 64 - 37
