@@ -50,8 +50,13 @@ async def run_offline(engine: Engine, prompts, out_lens) -> tuple[float, list[fl
         bar.update(1)
         return ttft
 
+    return await timed(bar, [one(p, n) for p, n in zip(prompts, out_lens)])
+
+
+async def timed(bar: tqdm, requests: list) -> tuple[float, list[float]]:
+    """Run all requests at once: (wall seconds, each one's time to first token)."""
     start = time.perf_counter()
-    ttfts = await asyncio.gather(*(one(p, n) for p, n in zip(prompts, out_lens)))
+    ttfts = await asyncio.gather(*requests)
     bar.close()
     return time.perf_counter() - start, ttfts
 
@@ -78,10 +83,7 @@ async def run_http(url: str, prompts, out_lens) -> tuple[float, list[float]]:
             bar.update(1)
             return ttft
 
-        start = time.perf_counter()
-        ttfts = await asyncio.gather(*(one(p, n) for p, n in zip(prompts, out_lens)))
-    bar.close()
-    return time.perf_counter() - start, ttfts
+        return await timed(bar, [one(p, n) for p, n in zip(prompts, out_lens)])
 
 
 def start_server(args) -> tuple[subprocess.Popen, str]:

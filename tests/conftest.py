@@ -156,6 +156,12 @@ class EngineProcess:
             time.sleep(0.1)
         raise TimeoutError(f"engine not ready after {timeout}s:\n{self.log_path.read_text()[-3000:]}")
 
+    def __enter__(self) -> "EngineProcess":
+        return self.wait_ready()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
     def stop(self) -> int:
         import signal
 
@@ -173,8 +179,5 @@ class EngineProcess:
 @pytest.fixture(scope="session")
 def tiny_server(tiny_models):
     """One engine process on the tiny Llama model, shared by the HTTP tests (served name "tiny")."""
-    server = EngineProcess(str(tiny_models["llama"]), "--served-model-name", "tiny", "--max-total-tokens", "20000")
-    try:
-        yield server.wait_ready()
-    finally:
-        server.stop()
+    with EngineProcess(str(tiny_models["llama"]), "--served-model-name", "tiny", "--max-total-tokens", "20000") as server:
+        yield server

@@ -121,12 +121,10 @@ def assert_error(status: int, body, want_status: int, param=None, code: str | No
 @pytest.fixture(scope="module")
 def small_server(tiny_models):
     """One running request at most, no queue, 2000-byte bodies: for 413 and 503."""
-    server = EngineProcess(str(tiny_models["llama"]), "--served-model-name", "tiny", "--max-total-tokens", "20000",
-                           "--max-running-requests", "1", "--max-queued-requests", "0", "--max-request-bytes", "2000")
-    try:
-        yield server.wait_ready()
-    finally:
-        server.stop()
+    with EngineProcess(str(tiny_models["llama"]), "--served-model-name", "tiny", "--max-total-tokens", "20000",
+                       "--max-running-requests", "1", "--max-queued-requests", "0",
+                       "--max-request-bytes", "2000") as server:
+        yield server
 
 
 # ---- /generate ----------------------------------------------------------------------------------
@@ -512,20 +510,16 @@ def test_sigterm_drains_in_flight_requests(tiny_models):
     ({"sampling_params": dict(SP, logit_bias={"999999": 1.0})}, "logit_bias"),
     ({"sampling_params": dict(SP, min_new_tokens=1, stop_token_ids=[999999])}, "stop_token_ids"),
 ], ids=["top-logprobs-num", "logit-bias", "stop-token-ids"])
-def test_request_cannot_kill_the_engine(tiny_models, body, param):
-    server = EngineProcess(str(tiny_models["llama"]), "--max-total-tokens", "20000")
-    try:
-        url = server.wait_ready().url
+def test_request_cannot_kill_the_engine(tiny_server, body, param):
+    url = tiny_server.url
 
-        async def go():
-            async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=1.5)) as session:
-                status, _, out = await fetch(session, "POST", url + "/generate", dict({"input_ids": [5, 6]}, **body))
-                if status != 200:  # rejecting is right; so is clamping (e.g. top_logprobs_num to the vocab size)
-                    assert_error(status, out, 400, param)
-                assert (await fetch(session, "GET", url + "/health"))[0] == 200
-                status, _, out = await fetch(session, "POST", url + "/generate", {"text": "a", "sampling_params": SP})
-                assert status == 200, out
+    async def go():
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=1.5)) as session:
+            status, _, out = await fetch(session, "POST", url + "/generate", dict({"input_ids": [5, 6]}, **body))
+            if status != 200:  # rejecting is right; so is clamping (e.g. top_logprobs_num to the vocab size)
+                assert_error(status, out, 400, param)
+            assert (await fetch(session, "GET", url + "/health"))[0] == 200
+            status, _, out = await fetch(session, "POST", url + "/generate", {"text": "a", "sampling_params": SP})
+            assert status == 200, out
 
-        asyncio.run(go())
-    finally:
-        server.stop()
+    asyncio.run(go())

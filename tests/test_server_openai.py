@@ -251,11 +251,8 @@ def test_response_format_json_is_unsupported(client):
 
 @pytest.fixture(scope="module")
 def keyed_server(tiny_models):
-    server = EngineProcess(str(tiny_models["llama"]), "--served-model-name", "tiny", "--api-key", "secret-key")
-    try:
-        yield server.wait_ready()
-    finally:
-        server.stop()
+    with EngineProcess(str(tiny_models["llama"]), "--served-model-name", "tiny", "--api-key", "secret-key") as server:
+        yield server
 
 
 def test_api_key(keyed_server):
@@ -303,9 +300,6 @@ def test_concurrent_streams_match_non_stream(tiny_server):
 
 @pytest.mark.slow
 def test_smollm2_knows_paris(smollm2_dir):
-    server = EngineProcess("builtin:smollm2-135m-instruct", "--served-model-name", "tiny", threads=2)
-    try:
-        out = chat(make_client(server.wait_ready()), "What is the capital of France?", temperature=0, max_tokens=20)
-    finally:
-        server.stop()
+    with EngineProcess("builtin:smollm2-135m-instruct", "--served-model-name", "tiny", threads=2) as server:
+        out = chat(make_client(server), "What is the capital of France?", temperature=0, max_tokens=20)
     assert "Paris" in out.choices[0].message.content
