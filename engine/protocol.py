@@ -10,7 +10,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from .errors import APIError, bad_request
+from ..errors import APIError, bad_request
 from .sampling_params import InvalidParamError, SamplingParams
 
 

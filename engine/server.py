@@ -27,7 +27,7 @@ from aiohttp import web
 
 from .config import EngineConfig
 from .engine import Engine
-from .errors import APIError, bad_request
+from ..errors import APIError, bad_request
 from .metrics import EngineMetrics
 from .protocol import ChatCompletionRequest, CompletionRequest, GenerateRequest, parse, sampling_params
 from .detokenizer import token_bytes, token_label

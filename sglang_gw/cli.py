@@ -1,4 +1,4 @@
-"""The `sglang-gw` command. Only subcommands that work are offered; `gateway` and `serve` arrive later."""
+"""The `sglang-gw` command. Only subcommands that work are offered; `serve` arrives later."""
 
 from __future__ import annotations
 
@@ -102,6 +102,20 @@ def _cmd_engine(args) -> int:
     return uvloop.run(serve(server_args))
 
 
+def _cmd_gateway(args) -> int:
+    import uvloop
+
+    from sglang_gw.gateway.app import serve
+    from sglang_gw.gateway.config import ConfigError, load_config
+
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return uvloop.run(serve(config))
+
+
 def _add_engine_args(p: argparse.ArgumentParser) -> None:
     from sglang_gw.engine.config import DEFAULT_MODEL, EngineConfig
 
@@ -148,6 +162,11 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_parser("list", help="list embedded model ids").set_defaults(func=_cmd_model_list)
 
     _add_engine_args(sub.add_parser("engine", help="serve one engine over HTTP (SGLang native + OpenAI API)"))
+
+    gw = sub.add_parser("gateway", help="the load balancer in front of engine workers (config: YAML)")
+    gw.add_argument("--config", required=True, help="gateway YAML: workers, policy, health, retries")
+    gw.add_argument("--log-format", default="auto", choices=["auto", "json", "console"])
+    gw.set_defaults(func=_cmd_gateway)
 
     gen = sub.add_parser("generate", help="generate once from a prompt with the offline engine")
     gen.add_argument("prompt")

@@ -1,0 +1,1 @@
+"""The gateway: routes requests to engine workers (issue 4; so far the routing policies)."""

@@ -1,0 +1,251 @@
+"""The gateway's HTTP front: one request path, top to bottom in `proxy`.
+
+parse just enough (model, the routing text) → choose a worker (policy) → forward the original bytes
+(keep-alive pool) → relay the response bytes as they arrive (SSE passthrough, backpressure through
+`write`) → account load on every ending, in a `finally`. Retries go to another worker, and only
+before the first response byte.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import signal
+import time
+import uuid
+
+import aiohttp
+import structlog
+from aiohttp import web
+
+from ..errors import APIError, bad_request
+from .config import GatewayConfig
+from .policies import RouteRequest, Worker, create_policy
+
+log = structlog.get_logger(__name__)
+
+PROXIED = ("/v1/chat/completions", "/v1/completions", "/generate")
+RETRY_STATUSES = {502, 503}
+
+
+class GatewayWorker(Worker):
+    """A worker as the gateway tracks it: state from probes and failures, and the models it serves."""
+
+    def __init__(self, name: str, url: str):
+        super().__init__(name, url)
+        self.state = "starting"  # starting → ready ⇄ unhealthy
+        self.models: set[str] = set()
+        self.failures = 0
+        self.successes = 0
+
+    def set_state(self, state: str, why: str) -> None:
+        if state != self.state:
+            log.info("gateway.worker_state", worker=self.name, old=self.state, new=state, why=why)
+            self.state = state
+
+
+class Gateway:
+    def __init__(self, config: GatewayConfig, seed: int | None = None):
+        self.config = config
+        self.workers = [GatewayWorker(w.name or w.url, w.url) for w in config.workers]
+        self.policy = create_policy(config.policy.name, seed, **config.policy.options())
+        self.session: aiohttp.ClientSession | None = None
+        self.app = web.Application(client_max_size=config.max_request_bytes, middlewares=[self._errors])
+        self.app.on_startup.append(self._start)
+        self.app.on_cleanup.append(self._stop)
+        r = self.app.router
+        for path in PROXIED:
+            r.add_post(path, self.proxy)
+        r.add_get("/v1/models", self.models)
+        r.add_get("/health", self.health)
+        r.add_get("/ready", self.ready)
+        r.add_get("/workers", self.list_workers)
+
+    # ---- lifecycle and health -----------------------------------------------------------------
+
+    async def _start(self, app) -> None:
+        connector = aiohttp.TCPConnector(limit=0, force_close=False)
+        self.session = aiohttp.ClientSession(connector=connector, auto_decompress=False)
+        await asyncio.gather(*(self._probe(w) for w in self.workers))
+        self._prober = asyncio.create_task(self._probe_forever())
+
+    async def _stop(self, app) -> None:
+        self._prober.cancel()
+        await self.session.close()
+
+    async def _probe_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.health.interval)
+            await asyncio.gather(*(self._probe(w) for w in self.workers))
+
+    async def _probe(self, worker: GatewayWorker) -> None:
+        h = self.config.health
+        timeout = aiohttp.ClientTimeout(total=h.timeout)
+        try:
+            async with self.session.get(worker.url + "/health", timeout=timeout) as resp:
+                ok = resp.status == 200
+            if ok and not worker.models:
+                async with self.session.get(worker.url + "/v1/models", timeout=timeout) as resp:
+                    worker.models = {m["id"] for m in (await resp.json())["data"]}
+        except (aiohttp.ClientError, asyncio.TimeoutError, KeyError, ValueError):
+            ok = False
+        if ok:
+            worker.failures, worker.successes = 0, worker.successes + 1
+            if worker.state != "ready" and worker.successes >= h.success_threshold:
+                worker.set_state("ready", "probe")
+        else:
+            worker.successes, worker.failures = 0, worker.failures + 1
+            if worker.state == "starting" or worker.failures >= h.failure_threshold:
+                worker.set_state("unhealthy", "probe")
+
+    def _eject(self, worker: GatewayWorker, why: str) -> None:
+        """Passive ejection: a connection error takes the worker out until a probe succeeds."""
+        worker.successes = 0
+        worker.set_state("unhealthy", why)
+
+    # ---- middleware -------------------------------------------------------------------------------
+
+    @web.middleware
+    async def _errors(self, request: web.Request, handler):
+        try:
+            return await handler(request)
+        except APIError as exc:
+            return exc.response()
+        except web.HTTPRequestEntityTooLarge:
+            return APIError(413, f"request body too large (limit {self.config.max_request_bytes} bytes)",
+                            code="body_too_large").response()
+        except web.HTTPNotFound:
+            return APIError(404, f"no such path: {request.path}", code="not_found").response()
+        except web.HTTPMethodNotAllowed:
+            return APIError(405, f"{request.method} is not allowed on {request.path}",
+                            code="method_not_allowed").response()
+
+    # ---- the request path ---------------------------------------------------------------------------
+
+    async def proxy(self, request: web.Request) -> web.StreamResponse:
+        request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
+        raw = await request.read()
+        try:
+            body = json.loads(raw)
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise bad_request(f"malformed JSON: {exc}", None, "invalid_json") from None
+        if not isinstance(body, dict):
+            raise bad_request("the request body must be a JSON object", None, "invalid_json")
+        candidates = self._candidates(request.path, body)
+        route = RouteRequest(routing_text(request.path, body))
+        headers = {"Content-Type": "application/json", "x-request-id": request_id}
+        timeout = aiohttp.ClientTimeout(total=self.config.request_timeout)
+        for attempt in range(self.config.max_retries + 1):
+            decision = self.policy.choose(candidates, route)
+            worker = decision.worker
+            reason = "retry" if attempt else decision.reason
+            worker.inflight += 1
+            try:
+                try:
+                    upstream = await self.session.post(worker.url + request.path, data=raw, headers=headers,
+                                                       timeout=timeout)
+                except (aiohttp.ClientConnectionError, asyncio.TimeoutError) as exc:
+                    self._eject(worker, f"connect: {type(exc).__name__}")
+                    upstream = None
+                if upstream is not None and (upstream.status not in RETRY_STATUSES
+                                             or attempt == self.config.max_retries):
+                    log.info("gateway.route", request_id=request_id, worker=worker.name, reason=reason,
+                             matched_bytes=decision.matched_bytes, status=upstream.status)
+                    return await self._relay(request, upstream, worker, reason, retried=attempt > 0,
+                                             request_id=request_id)
+                if upstream is not None:
+                    upstream.release()
+            finally:
+                worker.inflight -= 1
+            candidates = [w for w in candidates if w is not worker] or candidates
+            await asyncio.sleep(self.config.retry_backoff * (2 ** attempt) * random.uniform(0.5, 1.5))
+        raise APIError(502, "no worker could take the request", code="upstream_unavailable",
+                       headers={"x-should-retry": "false"})
+
+    def _candidates(self, path: str, body: dict) -> list[GatewayWorker]:
+        ready = [w for w in self.workers if w.state == "ready"]
+        if path != "/generate":  # SGLang's native API has no model field
+            model = body.get("model")
+            if not isinstance(model, str):
+                raise bad_request("model: a model name is required", "model", "missing_model")
+            served = {m for w in self.workers for m in w.models}
+            if model not in served:
+                raise APIError(404, f"model {model!r} is not served here; available: {sorted(served)}",
+                               param="model", code="model_not_found")
+            ready = [w for w in ready if model in w.models]
+        if not ready:
+            raise APIError(503, "no worker is ready", code="no_ready_worker", headers={"Retry-After": "2"})
+        return ready
+
+    async def _relay(self, request: web.Request, upstream: aiohttp.ClientResponse, worker: GatewayWorker,
+                     reason: str, retried: bool, request_id: str) -> web.StreamResponse:
+        """Pass the upstream response through as bytes; a broken upstream stream ends with an error event."""
+        headers = {"Content-Type": upstream.headers.get("Content-Type", "application/json"),
+                   "x-sglang-gw-worker": worker.name, "x-sglang-gw-route": reason, "x-request-id": request_id}
+        if retried:
+            headers["x-should-retry"] = "false"  # we already failed over: the SDK must not multiply retries
+        resp = web.StreamResponse(status=upstream.status, headers=headers)
+        await resp.prepare(request)
+        try:
+            async for chunk in upstream.content.iter_any():
+                await resp.write(chunk)
+        except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, asyncio.TimeoutError) as exc:
+            self._eject(worker, f"stream: {type(exc).__name__}")
+            error = {"error": {"message": f"upstream {worker.name} failed mid-response", "type": "upstream_error",
+                               "param": None, "code": "upstream_failed"}}
+            await resp.write(b"data: " + json.dumps(error).encode() + b"\n\n")
+        finally:
+            upstream.close()  # on a client disconnect this drops the engine connection: it aborts the request
+        await resp.write_eof()
+        return resp
+
+    # ---- the gateway's own endpoints --------------------------------------------------------------
+
+    async def models(self, request: web.Request) -> web.Response:
+        served = sorted({m for w in self.workers if w.state == "ready" for m in w.models})
+        now = int(time.time())
+        return web.json_response({"object": "list", "data": [
+            {"id": m, "object": "model", "created": now, "owned_by": "sglang-gw"} for m in served]})
+
+    async def health(self, request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    async def ready(self, request: web.Request) -> web.Response:
+        ready = sum(w.state == "ready" for w in self.workers)
+        return web.json_response({"ready_workers": ready}, status=200 if ready else 503)
+
+    async def list_workers(self, request: web.Request) -> web.Response:
+        return web.json_response({"workers": [
+            {"name": w.name, "url": w.url, "state": w.state, "inflight": w.inflight, "models": sorted(w.models),
+             "prefix_bytes": getattr(self.policy, "index", None) and self.policy.index.bytes_of(w.name)}
+            for w in self.workers]})
+
+
+def routing_text(path: str, body: dict) -> str:
+    """The text the engine will see, as far as the gateway can tell without the tokenizer.
+    Chat: role-tagged message contents (the rendered template comes later)."""
+    if path == "/v1/chat/completions":
+        messages = body.get("messages") if isinstance(body.get("messages"), list) else []
+        return "".join(f"<{m.get('role')}>{m.get('content')}\n" for m in messages if isinstance(m, dict))
+    if path == "/v1/completions":
+        prompt = body.get("prompt")
+        return prompt if isinstance(prompt, str) else json.dumps(prompt)
+    text = body.get("text")
+    return text if isinstance(text, str) else json.dumps(text if text is not None else body.get("input_ids"))
+
+
+async def serve(config: GatewayConfig) -> int:
+    gateway = Gateway(config)
+    runner = web.AppRunner(gateway.app, handler_cancellation=True, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, config.host, config.port).start()
+    log.info("gateway.listening", host=config.host, port=config.port, policy=config.policy.name,
+             workers=[w.url for w in config.workers])
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await runner.cleanup()
+    return 0

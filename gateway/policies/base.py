@@ -1,0 +1,46 @@
+"""The routing interface: a policy picks one of the candidate workers for a request and says why."""
+
+from __future__ import annotations
+
+import random
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+
+@dataclass
+class Worker:
+    """What routing knows of an engine: its name and the gateway's own count of requests in flight."""
+
+    name: str
+    url: str
+    inflight: int = 0
+
+
+@dataclass(frozen=True)
+class RouteRequest:
+    text: str  # the prompt as the engine will see it (chat: the rendered template when available)
+
+
+@dataclass(frozen=True)
+class Decision:
+    worker: Worker
+    reason: str  # e.g. cache_hit, miss, load_guard, round_robin, least_conn, power_of_two
+    matched_bytes: int = 0  # prefix bytes the policy expects the worker to have cached
+
+
+class RoutingPolicy(ABC):
+    name: str
+
+    def __init__(self, seed: int | None = None):
+        self.rng = random.Random(seed)
+
+    @abstractmethod
+    def choose(self, candidates: list[Worker], request: RouteRequest) -> Decision:
+        """candidates: the ready workers serving the request's model (never empty)."""
+
+    def forget(self, worker: Worker) -> None:
+        """The worker restarted or left: drop whatever the policy remembers about it."""
+
+    def least_loaded(self, workers: list[Worker], tiebreak=lambda w: 0) -> Worker:
+        # Random among equals, so that an idle fleet does not pile onto the first worker listed.
+        return min(workers, key=lambda w: (w.inflight, tiebreak(w), self.rng.random()))

@@ -1,0 +1,67 @@
+"""An approximate, bounded index of which prompt prefixes each worker has seen.
+
+Text is cut into fixed-size blocks and each block is named by a hash chained with the previous one's,
+so a block hash stands for the whole prefix up to it. A worker's index is the set of block hashes it
+was sent, kept in LRU order and bounded by the bytes of text those blocks stand for; matching walks a
+prompt's chain until a block the worker has not seen. Matches are exact to block granularity (a
+prompt shorter than one block never matches), and the memory per worker is bounded by construction.
+
+Eviction drops a worker's least recently sent blocks, deepest first within a prompt (like the
+engine's radix cache evicting leaves), so a surviving block always has its whole prefix too.
+Invariant (checked by `check`): each worker's blocks stand for at most max_bytes_per_worker bytes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict
+
+
+class PrefixIndex:
+    def __init__(self, block_size: int = 64, max_bytes_per_worker: int = 64 << 20):
+        if block_size < 1 or max_bytes_per_worker < block_size:
+            raise ValueError("block_size must be >= 1 and max_bytes_per_worker >= block_size")
+        self.block_size = block_size
+        self.max_bytes = max_bytes_per_worker
+        self._blocks: dict[str, OrderedDict[bytes, None]] = {}
+
+    def chain(self, text: str) -> list[bytes]:
+        """The block hashes of text's full blocks, each naming the prefix that ends with it."""
+        data = text.encode()
+        hashes, previous = [], b""
+        for start in range(0, len(data) - self.block_size + 1, self.block_size):
+            previous = hashlib.blake2b(previous + data[start : start + self.block_size], digest_size=16).digest()
+            hashes.append(previous)
+        return hashes
+
+    def match(self, chain: list[bytes], worker: str) -> int:
+        """Bytes of the prefix (whole blocks) that `worker` was already sent."""
+        blocks = self._blocks.get(worker)
+        if not blocks:
+            return 0
+        n = 0
+        for h in chain:
+            if h not in blocks:
+                break
+            n += 1
+        return n * self.block_size
+
+    def insert(self, chain: list[bytes], worker: str) -> None:
+        """Record that worker was sent this prefix; refreshes it and evicts the least recently sent."""
+        blocks = self._blocks.setdefault(worker, OrderedDict())
+        for h in reversed(chain):  # the prompt's first block ends up most recent, its last evicted first
+            blocks[h] = None
+            blocks.move_to_end(h)
+        while len(blocks) * self.block_size > self.max_bytes:
+            blocks.popitem(last=False)
+
+    def forget(self, worker: str) -> None:
+        """A restarted worker has an empty cache: stop routing its old prefixes to it."""
+        self._blocks.pop(worker, None)
+
+    def bytes_of(self, worker: str) -> int:
+        return len(self._blocks.get(worker, ())) * self.block_size
+
+    def check(self) -> None:
+        for worker, blocks in self._blocks.items():
+            assert len(blocks) * self.block_size <= self.max_bytes, f"{worker} is over its byte budget"

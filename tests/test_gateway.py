@@ -1,0 +1,167 @@
+"""The gateway in front of real engine processes (tiny model), with the official OpenAI SDK."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+import openai
+import pytest
+import yaml
+
+from conftest import EngineProcess
+
+MODEL = "tiny"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _get(url: str) -> tuple[int, dict]:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
+
+
+def _post(url: str, data: bytes) -> tuple[int, dict]:
+    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
+
+
+@pytest.fixture(scope="module")
+def engines(tiny_models):
+    procs = [EngineProcess(str(tiny_models["llama"]), "--served-model-name", MODEL, "--max-total-tokens", "20000")
+             for _ in range(3)]
+    try:
+        yield [p.wait_ready() for p in procs]
+    finally:
+        for p in procs:
+            p.stop()
+
+
+@pytest.fixture(scope="module")
+def gateway(engines, tmp_path_factory):
+    port = _free_port()
+    dead = f"http://127.0.0.1:{_free_port()}"  # refuses connections: must stay out of rotation
+    config = {"port": port, "workers": [{"url": e.url, "name": f"e{i}"} for i, e in enumerate(engines)]
+              + [{"url": dead, "name": "dead"}],
+              "policy": {"name": "prefix_affinity", "block_size": 32, "load_margin": 4},
+              "health": {"interval": 0.5, "timeout": 1.0}, "max_request_bytes": 100_000}
+    path = tmp_path_factory.mktemp("gateway") / "gateway.yaml"
+    path.write_text(yaml.safe_dump(config))
+    proc = subprocess.Popen([sys.executable, "-m", "sglang_gw.cli", "gateway", "--config", str(path),
+                             "--log-format", "json"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            if _get(url + "/ready")[0] == 200 and _get(url + "/workers")[1]["workers"][2]["state"] == "ready":
+                break
+        except OSError:
+            pass
+        time.sleep(0.1)
+    try:
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+@pytest.fixture
+def client(gateway):
+    return openai.OpenAI(base_url=gateway + "/v1", api_key="none", max_retries=0)
+
+
+def _workers(gateway) -> dict[str, dict]:
+    return {w["name"]: w for w in _get(gateway + "/workers")[1]["workers"]}
+
+
+def test_openai_sdk_through_the_gateway(client, gateway):
+    assert [m.id for m in client.models.list().data] == [MODEL]
+    chat = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hello"}],
+                                          max_tokens=8, temperature=0, extra_body={"ignore_eos": True})
+    assert chat.usage.completion_tokens == 8
+    stream = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hello"}],
+                                            max_tokens=8, temperature=0, stream=True, extra_body={"ignore_eos": True})
+    assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == chat.choices[0].message.content
+    done = client.completions.create(model=MODEL, prompt="The quick", max_tokens=5, temperature=0)
+    assert done.choices[0].text is not None
+    assert _workers(gateway)["dead"]["state"] == "unhealthy"
+
+
+def test_follow_ups_stay_with_the_worker_that_served_the_conversation(client):
+    rng = random.Random(0)
+    conversations = {c: [{"role": "system", "content": " ".join(rng.choice(["alpha", "beta", "gamma", "delta"])
+                                                                for _ in range(60))}] for c in range(6)}
+    home = {}
+    for turn in range(3):
+        for c, messages in conversations.items():
+            messages.append({"role": "user", "content": f"question {turn} for tenant {c}"})
+            raw = client.chat.completions.with_raw_response.create(
+                model=MODEL, messages=messages, max_tokens=4, temperature=0, extra_body={"ignore_eos": True})
+            out = raw.parse()
+            worker, route = raw.headers["x-sglang-gw-worker"], raw.headers["x-sglang-gw-route"]
+            if turn == 0:
+                home[c] = worker
+            else:
+                assert (worker, route) == (home[c], "cache_hit")
+                # The engine confirms: the whole earlier conversation came from its prefix cache.
+                assert out.usage.prompt_tokens_details.cached_tokens > out.usage.prompt_tokens // 2
+            messages.append({"role": "assistant", "content": out.choices[0].message.content})
+    assert len(set(home.values())) == 3  # six tenants spread over the three engines
+
+
+def test_load_returns_to_zero_after_completed_failed_and_cancelled_requests(gateway):
+    async def run():
+        client = openai.AsyncOpenAI(base_url=gateway + "/v1", api_key="none", max_retries=0)
+
+        async def completed(i):
+            await client.completions.create(model=MODEL, prompt=f"ok {i}", max_tokens=4)
+
+        async def failed(i):
+            with pytest.raises(openai.BadRequestError):
+                await client.completions.create(model=MODEL, prompt=f"bad {i}", max_tokens=4, temperature=-1)
+
+        async def cancelled(i):
+            stream = await client.completions.create(model=MODEL, prompt=f"long {i}", max_tokens=500, stream=True,
+                                                     extra_body={"ignore_eos": True})
+            async for _ in stream:
+                break
+            await stream.close()
+
+        await asyncio.gather(*(f(i) for i in range(4) for f in (completed, failed, cancelled)))
+
+    asyncio.run(run())
+    deadline = time.monotonic() + 10
+    while any(w["inflight"] for w in _workers(gateway).values()):
+        assert time.monotonic() < deadline, _workers(gateway)
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("path, body, status, param", [
+    ("/v1/chat/completions", b"{not json", 400, None),
+    ("/v1/chat/completions", b"[1, 2]", 400, None),
+    ("/v1/chat/completions", json.dumps({"messages": [{"role": "user", "content": "hi"}]}).encode(), 400, "model"),
+    ("/v1/completions", json.dumps({"model": "nope", "prompt": "hi"}).encode(), 404, "model"),
+    ("/v1/completions", json.dumps({"model": MODEL, "prompt": "x" * 200_000}).encode(), 413, None),
+])
+def test_bad_inputs_get_openai_error_bodies(gateway, path, body, status, param):
+    got, out = _post(gateway + path, body)
+    assert got == status, out
+    assert set(out["error"]) == {"message", "type", "param", "code"} and out["error"]["param"] == param

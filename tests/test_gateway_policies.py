@@ -1,0 +1,110 @@
+"""Routing policies and the prefix index, on simulated workers (no HTTP: the policies alone)."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from sglang_gw.gateway.policies import RouteRequest, Worker, create_policy
+from sglang_gw.gateway.prefix_index import PrefixIndex
+
+
+def _workers(n: int) -> list[Worker]:
+    return [Worker(f"w{i}", f"http://127.0.0.1:{9000 + i}") for i in range(n)]
+
+
+def _text(rng: random.Random, n: int) -> str:
+    return "".join(rng.choice("abcdefghij klmnop") for _ in range(n))
+
+
+def test_prefix_index_matches_whole_blocks_and_forgets():
+    index = PrefixIndex(block_size=8, max_bytes_per_worker=1024)
+    base = "0123456789abcdefghij"  # two whole blocks and 4 bytes
+    index.insert(index.chain(base), "a")
+    assert index.match(index.chain(base + "more text"), "a") == 16
+    assert index.match(index.chain("0123456X" + base[8:]), "a") == 0  # the chain breaks at the first block
+    assert index.match(index.chain(base), "b") == 0
+    index.forget("a")
+    assert index.match(index.chain(base), "a") == 0
+
+
+def test_prefix_index_is_bounded_and_evicts_deepest_blocks_first():
+    rng = random.Random(0)
+    index = PrefixIndex(block_size=16, max_bytes_per_worker=16 * 20)
+    kept = _text(rng, 16 * 5)
+    for i in range(50):
+        index.insert(index.chain(_text(rng, rng.randint(0, 16 * 8))), "w")
+        index.insert(index.chain(kept), "w")  # the hot prompt is refreshed every round
+        index.check()
+        assert index.bytes_of("w") <= 16 * 20
+    assert index.match(index.chain(kept), "w") == 16 * 5
+    # Whatever survives of any prompt is a prefix of it: matches are whole leading runs of blocks.
+    probe = _text(rng, 16 * 8)
+    index.insert(index.chain(probe), "w")
+    for _ in range(3):
+        index.insert(index.chain(_text(rng, 16 * 6)), "w")
+    chain = index.chain(probe)
+    matched_blocks = index.match(chain, "w") // 16
+    assert all(h in index._blocks["w"] for h in chain[:matched_blocks])
+
+
+def test_round_robin_least_conn_power_of_two():
+    workers = _workers(3)
+    rr = create_policy("round_robin")
+    assert [rr.choose(workers, RouteRequest("x")).worker.name for _ in range(6)] == ["w0", "w1", "w2"] * 2
+    workers[0].inflight, workers[1].inflight, workers[2].inflight = 5, 1, 3
+    assert create_policy("least_conn", seed=1).choose(workers, RouteRequest("x")).worker.name == "w1"
+    p2 = create_policy("power_of_two", seed=2)
+    for _ in range(50):
+        assert p2.choose(workers, RouteRequest("x")).worker.name != "w0"  # w0 loses every pair it is in
+    with pytest.raises(ValueError, match="policy"):
+        create_policy("fastest")
+
+
+def test_prefix_affinity_keeps_conversations_on_their_worker_and_spreads_tenants():
+    rng = random.Random(1)
+    workers = _workers(4)
+    policy = create_policy("prefix_affinity", seed=3, block_size=32)
+    conversations = {c: _text(rng, 600) for c in range(12)}  # a long system prompt per tenant
+    home: dict[int, str] = {}
+    for turn in range(5):
+        for c, history in conversations.items():
+            history += f" user turn {turn}: " + _text(rng, 80)
+            decision = policy.choose(workers, RouteRequest(history))
+            if turn == 0:
+                assert decision.reason == "miss"
+                home[c] = decision.worker.name
+            else:
+                assert (decision.worker.name, decision.reason) == (home[c], "cache_hit")
+                assert decision.matched_bytes >= 600
+            conversations[c] = history + " assistant: " + _text(rng, 80)
+    # Misses go to the least-loaded worker holding the fewest prefix bytes: 3 tenants each.
+    assert sorted(list(home.values()).count(w.name) for w in workers) == [3, 3, 3, 3]
+
+
+def test_prefix_affinity_burst_on_one_prefix_spreads_past_the_load_margin():
+    rng = random.Random(2)
+    workers = _workers(4)
+    policy = create_policy("prefix_affinity", seed=4, block_size=32, load_margin=2)
+    hot = _text(rng, 1000)
+    reasons = []
+    for i in range(24):  # concurrent: none of them finishes during the burst
+        decision = policy.choose(workers, RouteRequest(hot + _text(rng, 20)))
+        decision.worker.inflight += 1
+        reasons.append(decision.reason)
+        loads = [w.inflight for w in workers]
+        assert max(loads) - min(loads) <= 2 + 1, loads
+    # Each other worker received the hot prefix once through the load guard, then shared it as a holder.
+    assert reasons[0] == "miss" and reasons.count("load_guard") == 3
+    assert all(w.inflight >= 4 for w in workers), [w.inflight for w in workers]
+
+
+def test_prefix_affinity_forgets_a_restarted_worker():
+    workers = _workers(2)
+    policy = create_policy("prefix_affinity", seed=5, block_size=16)
+    text = "x" * 200
+    first = policy.choose(workers, RouteRequest(text)).worker
+    assert policy.choose(workers, RouteRequest(text + "y")).reason == "cache_hit"
+    policy.forget(first)
+    assert policy.choose(workers, RouteRequest(text + "z")).reason == "miss"
