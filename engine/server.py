@@ -27,7 +27,7 @@ from aiohttp import web
 
 from .config import EngineConfig
 from .engine import Engine
-from ..errors import APIError, bad_request
+from ..errors import APIError, bad_request, error_middleware, read_json
 from .metrics import EngineMetrics
 from .protocol import ChatCompletionRequest, CompletionRequest, GenerateRequest, parse, sampling_params
 from .detokenizer import token_bytes, token_label
@@ -63,8 +63,9 @@ class EngineServer:
         self.idle = asyncio.Event()
         self.idle.set()
         self.metrics = EngineMetrics(self)
-        self.app = web.Application(client_max_size=args.max_request_bytes,
-                                   middlewares=[self._errors, self._auth])
+        errors = error_middleware(args.max_request_bytes,
+                                  lambda: 503 if self.engine is not None and self.engine.error else 500)
+        self.app = web.Application(client_max_size=args.max_request_bytes, middlewares=[errors, self._auth])
         r = self.app.router
         r.add_get("/health", self.health)
         r.add_get("/health_generate", self.health_generate)
@@ -120,27 +121,6 @@ class EngineServer:
     # ---- middlewares ------------------------------------------------------------------------------
 
     @web.middleware
-    async def _errors(self, request: web.Request, handler):
-        try:
-            return await handler(request)
-        except APIError as exc:
-            return exc.response()
-        except web.HTTPRequestEntityTooLarge as exc:
-            return APIError(413, f"request body too large (limit {self.args.max_request_bytes} bytes)",
-                            code="body_too_large").response()
-        except web.HTTPNotFound:
-            return APIError(404, f"no such path: {request.path}", code="not_found").response()
-        except web.HTTPMethodNotAllowed:
-            return APIError(405, f"{request.method} is not allowed on {request.path}",
-                            code="method_not_allowed").response()
-        except web.HTTPException:
-            raise
-        except Exception as exc:  # noqa: BLE001 — never a bare 500 page: an OpenAI body, and a log line
-            log.exception("server.request_failed", path=request.path)
-            status = 503 if self.engine is not None and self.engine.error is not None else 500
-            return APIError(status, f"internal error: {exc}", code="internal_error").response()
-
-    @web.middleware
     async def _auth(self, request: web.Request, handler):
         key = self.args.api_key
         if key and request.path not in OPEN_PATHS:
@@ -150,13 +130,6 @@ class EngineServer:
         return await handler(request)
 
     # ---- helpers ----------------------------------------------------------------------------------
-
-    async def _json_body(self, request: web.Request) -> object:
-        raw = await request.read()  # raises HTTPRequestEntityTooLarge past client_max_size
-        try:
-            return json.loads(raw)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise bad_request(f"malformed JSON: {exc}", None, "invalid_json") from None
 
     def _check_model(self, model: str | None) -> None:
         if model is not None and model != self.served_model_name:
@@ -270,7 +243,7 @@ class EngineServer:
 
     async def abort_request(self, request: web.Request) -> web.Response:
         self._require_loaded()
-        body = await self._json_body(request)
+        body = await read_json(request)
         if not isinstance(body, dict) or not isinstance(body.get("rid", ""), str):
             raise bad_request("expected {\"rid\": str, \"abort_all\": bool}", "rid")
         if body.get("abort_all"):
@@ -282,7 +255,7 @@ class EngineServer:
         return web.json_response({"success": True})
 
     async def generate(self, request: web.Request) -> web.StreamResponse:
-        body = await self._json_body(request)
+        body = await read_json(request)
         with self._admitted():
             req = parse(GenerateRequest, body)
             prompts = req.prompts()
@@ -338,7 +311,7 @@ class EngineServer:
         }]})
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
-        body = await self._json_body(request)
+        body = await read_json(request)
         with self._admitted():
             req = parse(CompletionRequest, body)
             self._check_model(req.model)
@@ -350,7 +323,7 @@ class EngineServer:
             return await self._openai(request, req, prompts, params, top=req.logprobs, chat=False)
 
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
-        body = await self._json_body(request)
+        body = await read_json(request)
         with self._admitted():
             req = parse(ChatCompletionRequest, body)
             self._check_model(req.model)

@@ -19,7 +19,7 @@ import aiohttp
 import structlog
 from aiohttp import web
 
-from ..errors import APIError, bad_request
+from ..errors import APIError, bad_request, error_middleware, read_json
 from .config import GatewayConfig
 from .policies import RouteRequest, Worker, create_policy
 
@@ -51,7 +51,8 @@ class Gateway:
         self.workers = [GatewayWorker(w.name or w.url, w.url) for w in config.workers]
         self.policy = create_policy(config.policy.name, seed, **config.policy.options())
         self.session: aiohttp.ClientSession | None = None
-        self.app = web.Application(client_max_size=config.max_request_bytes, middlewares=[self._errors])
+        self.app = web.Application(client_max_size=config.max_request_bytes,
+                                   middlewares=[error_middleware(config.max_request_bytes)])
         self.app.on_startup.append(self._start)
         self.app.on_cleanup.append(self._stop)
         r = self.app.router
@@ -104,32 +105,12 @@ class Gateway:
         worker.successes = 0
         worker.set_state("unhealthy", why)
 
-    # ---- middleware -------------------------------------------------------------------------------
-
-    @web.middleware
-    async def _errors(self, request: web.Request, handler):
-        try:
-            return await handler(request)
-        except APIError as exc:
-            return exc.response()
-        except web.HTTPRequestEntityTooLarge:
-            return APIError(413, f"request body too large (limit {self.config.max_request_bytes} bytes)",
-                            code="body_too_large").response()
-        except web.HTTPNotFound:
-            return APIError(404, f"no such path: {request.path}", code="not_found").response()
-        except web.HTTPMethodNotAllowed:
-            return APIError(405, f"{request.method} is not allowed on {request.path}",
-                            code="method_not_allowed").response()
-
     # ---- the request path ---------------------------------------------------------------------------
 
     async def proxy(self, request: web.Request) -> web.StreamResponse:
         request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
-        raw = await request.read()
-        try:
-            body = json.loads(raw)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise bad_request(f"malformed JSON: {exc}", None, "invalid_json") from None
+        body = await read_json(request)
+        raw = await request.read()  # cached by aiohttp: forwarded as the client sent it
         if not isinstance(body, dict):
             raise bad_request("the request body must be a JSON object", None, "invalid_json")
         candidates = self._candidates(request.path, body)

@@ -32,3 +32,18 @@ def test_model_list_and_generate(tiny_models):
                   "--threads", "1")
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip(), "no text was generated"
+
+
+@pytest.mark.parametrize("yaml_text, field", [
+    ('workers: [{url: "10.0.0.1:30000"}]', "workers.0.url"),
+    ('workers: [{url: "http://a:1"}]\npolicy: {name: fastest}', "policy.name"),
+    ("workers: []", "workers"),
+    ('workers: [{url: "http://a:1"}]\nhealth: {interval: 0}', "health.interval"),
+    ('workers: [{url: "http://a:1"}]\nretries: 3', "retries"),
+])
+def test_gateway_refuses_invalid_config_naming_the_field(tmp_path, yaml_text, field):
+    path = tmp_path / "gateway.yaml"
+    path.write_text(yaml_text)
+    result = _cli("gateway", "--config", str(path))
+    assert result.returncode == 2
+    assert f": {field}:" in result.stderr, result.stderr

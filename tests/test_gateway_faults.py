@@ -1,0 +1,160 @@
+"""Gateway fault handling against fault-injecting fake engines (the one place a fake belongs)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from sglang_gw.gateway.app import Gateway
+from sglang_gw.gateway.config import parse_config
+
+MODEL = "fake"
+
+
+def fake_engine(mode: str) -> web.Application:
+    """ok: answers; error503/error500: fails every generation; midstream: drops the connection after two
+    SSE events; hang: never answers /health."""
+
+    async def health(request):
+        if mode == "hang":
+            await asyncio.sleep(3600)
+        return web.json_response({"status": "ok"})
+
+    async def models(request):
+        return web.json_response({"object": "list", "data": [{"id": MODEL, "object": "model"}]})
+
+    async def completions(request):
+        body = await request.json()
+        if mode in ("error503", "error500"):
+            status = int(mode[-3:])
+            return web.json_response({"error": {"message": mode, "type": "x", "param": None, "code": None}},
+                                     status=status)
+        if not body.get("stream"):
+            return web.json_response({"id": "c", "object": "text_completion", "model": MODEL,
+                                      "choices": [{"index": 0, "text": f"from {mode}", "finish_reason": "length"}]})
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        for i in range(2):
+            await resp.write(b'data: {"choices": [{"index": 0, "text": "t"}]}\n\n')
+        if mode == "midstream":
+            request.transport.close()  # the engine dies mid-response
+            return resp
+        await resp.write(b"data: [DONE]\n\n")
+        return resp
+
+    app = web.Application()
+    app.router.add_get("/health", health)
+    app.router.add_get("/v1/models", models)
+    app.router.add_post("/v1/completions", completions)
+    return app
+
+
+class Fleet:
+    """Fake engines plus the gateway, all on one event loop in a background thread."""
+
+    def __init__(self, modes: list[str], **config):
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.runners = []
+        urls = [self.call(self._serve(fake_engine(mode))) for mode in modes]
+        cfg = parse_config({"port": 0, "workers": [{"url": u, "name": m} for u, m in zip(urls, modes)],
+                            "health": {"interval": 0.2, "timeout": 1.0, "failure_threshold": 2},
+                            "retry_backoff": 0.0, "policy": {"name": "round_robin"}, **config})
+        self.gateway = Gateway(cfg, seed=0)
+        self.url = self.call(self._serve(self.gateway.app))
+
+    def call(self, coro):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout=30)
+
+    async def _serve(self, app) -> str:
+        runner = web.AppRunner(app, handler_cancellation=True)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        self.runners.append(runner)
+        return f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"
+
+    def close(self):
+        async def stop():
+            for runner in reversed(self.runners):
+                await runner.cleanup()
+
+        self.call(stop())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+
+    def states(self) -> dict[str, str]:
+        return {w.name: w.state for w in self.gateway.workers}
+
+    def assert_load_settles(self) -> None:
+        """Load is released when the handler ends, just after the client has the last byte."""
+        deadline = time.monotonic() + 5
+        while any(w.inflight for w in self.gateway.workers):
+            assert time.monotonic() < deadline, [(w.name, w.inflight) for w in self.gateway.workers]
+            time.sleep(0.01)
+
+
+async def _post(url: str, body: dict) -> tuple[int, dict, bytes]:
+    async with aiohttp.ClientSession() as session:
+        async with session.post(url + "/v1/completions", json=body) as resp:
+            return resp.status, dict(resp.headers), await resp.read()
+
+
+@pytest.fixture
+def fleet(request):
+    fleet = Fleet(request.param)
+    yield fleet
+    fleet.close()
+
+
+@pytest.mark.parametrize("fleet", [["error503", "ok"], ["error500", "ok"]], indirect=True)
+def test_failed_upstream_is_retried_elsewhere(fleet):
+    policy_order = []
+    for _ in range(6):
+        status, headers, body = asyncio.run(_post(fleet.url, {"model": MODEL, "prompt": "x"}))
+        policy_order.append(headers["x-sglang-gw-worker"])
+        if headers["x-sglang-gw-route"] == "retry":
+            assert headers["x-should-retry"] == "false"
+        if fleet.gateway.workers[0].name == "error503":
+            assert status == 200 and json.loads(body)["choices"][0]["text"] == "from ok"
+    if fleet.gateway.workers[0].name == "error500":
+        # A 500 is the engine's answer (the request may have run): passed through, never retried.
+        assert "error500" in policy_order
+    fleet.assert_load_settles()
+
+
+@pytest.mark.parametrize("fleet", [["midstream", "ok"]], indirect=True)
+def test_engine_dying_mid_stream_ends_the_stream_with_an_error_event(fleet):
+    bodies = [asyncio.run(_post(fleet.url, {"model": MODEL, "prompt": "x", "stream": True}))[2] for _ in range(4)]
+    broken = [b for b in bodies if b"upstream_failed" in b]
+    assert broken, bodies
+    assert all(b.count(b"data: ") == 3 and b"[DONE]" not in b for b in broken)  # 2 events, then the error
+    fleet.assert_load_settles()
+
+
+@pytest.mark.parametrize("fleet", [["hang", "ok"]], indirect=True)
+def test_hung_worker_is_taken_out_of_rotation_by_the_probe(fleet):
+    deadline = time.monotonic() + 15
+    while fleet.states()["hang"] != "unhealthy":
+        assert time.monotonic() < deadline, fleet.states()
+        time.sleep(0.05)
+    for _ in range(4):
+        status, headers, _ = asyncio.run(_post(fleet.url, {"model": MODEL, "prompt": "x"}))
+        assert status == 200 and headers["x-sglang-gw-worker"] == "ok"
+
+
+@pytest.mark.parametrize("fleet", [["ok", "ok2"]], indirect=True)
+def test_refused_connection_ejects_the_worker_and_the_request_succeeds(fleet):
+    fleet.gateway.workers[1].url = "http://127.0.0.1:9"  # now refuses connections; probes have not noticed
+    fleet.gateway.workers[1].state = "ready"
+    statuses = [asyncio.run(_post(fleet.url, {"model": MODEL, "prompt": "x"})) for _ in range(2)]
+    status, headers, _ = next(s for s in statuses if s[1]["x-sglang-gw-route"] == "retry")
+    assert all(s[0] == 200 for s in statuses)
+    assert status == 200 and headers["x-sglang-gw-route"] == "retry" and headers["x-should-retry"] == "false"
+    assert fleet.states()["ok2"] == "unhealthy"
