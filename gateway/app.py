@@ -20,6 +20,7 @@ import structlog
 from aiohttp import web
 
 from ..errors import APIError, bad_request, error_middleware, read_json
+from .auth import Authenticator
 from .config import GatewayConfig
 from .policies import RouteRequest, Worker, create_policy
 
@@ -50,6 +51,7 @@ class Gateway:
         self.config = config
         self.workers = [GatewayWorker(w.name or w.url, w.url) for w in config.workers]
         self.policy = create_policy(config.policy.name, seed, **config.policy.options())
+        self.auth = Authenticator(config.auth.keys)
         self.session: aiohttp.ClientSession | None = None
         self.app = web.Application(client_max_size=config.max_request_bytes,
                                    middlewares=[error_middleware(config.max_request_bytes)])
@@ -109,10 +111,15 @@ class Gateway:
 
     async def proxy(self, request: web.Request) -> web.StreamResponse:
         request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
+        key = self.auth.identify(request)
         body = await read_json(request)
         raw = await request.read()  # cached by aiohttp: forwarded as the client sent it
         if not isinstance(body, dict):
             raise bad_request("the request body must be a JSON object", None, "invalid_json")
+        with self.auth.admit(key, body.get("model") if request.path != "/generate" else None):
+            return await self._route(request, request_id, body, raw)
+
+    async def _route(self, request: web.Request, request_id: str, body: dict, raw: bytes) -> web.StreamResponse:
         candidates = self._candidates(request.path, body)
         route = RouteRequest(routing_text(request.path, body))
         headers = {"Content-Type": "application/json", "x-request-id": request_id}
@@ -184,19 +191,26 @@ class Gateway:
     # ---- the gateway's own endpoints --------------------------------------------------------------
 
     async def models(self, request: web.Request) -> web.Response:
-        served = sorted({m for w in self.workers if w.state == "ready" for m in w.models})
+        key = self.auth.identify(request)
+        served = sorted({m for w in self.workers if w.state == "ready" for m in w.models
+                         if key is None or key.models is None or m in key.models})
         now = int(time.time())
         return web.json_response({"object": "list", "data": [
             {"id": m, "object": "model", "created": now, "owned_by": "sglang-gw"} for m in served]})
 
     async def health(self, request: web.Request) -> web.Response:
+        if not self.config.auth.open_health:
+            self.auth.identify(request)
         return web.json_response({"status": "ok"})
 
     async def ready(self, request: web.Request) -> web.Response:
+        if not self.config.auth.open_health:
+            self.auth.identify(request)
         ready = sum(w.state == "ready" for w in self.workers)
         return web.json_response({"ready_workers": ready}, status=200 if ready else 503)
 
     async def list_workers(self, request: web.Request) -> web.Response:
+        self.auth.identify(request)
         return web.json_response({"workers": [
             {"name": w.name, "url": w.url, "state": w.state, "inflight": w.inflight, "models": sorted(w.models),
              "prefix_bytes": getattr(self.policy, "index", None) and self.policy.index.bytes_of(w.name)}

@@ -53,11 +53,34 @@ class HealthConfig(_Strict):
     success_threshold: int = Field(1, ge=1)  # consecutive successes ⇒ ready again
 
 
+class ApiKeyConfig(_Strict):
+    name: str
+    hash: str  # "sha256:<hex>", as printed by `sglang-gw key create`; the key itself is never stored
+    rpm: int | None = Field(None, ge=1)  # requests per minute
+    max_concurrent: int | None = Field(None, ge=1)
+    models: list[str] | None = None  # None: every model
+
+    @field_validator("hash")
+    @classmethod
+    def _sha256(cls, value: str) -> str:
+        digest = value.removeprefix("sha256:")
+        if not value.startswith("sha256:") or len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+            raise ValueError("must be 'sha256:' and 64 lowercase hex digits (see `sglang-gw key create`)")
+        return value
+
+
+class AuthConfig(_Strict):
+    keys: list[ApiKeyConfig] = []
+    keys_file: str | None = None  # a YAML list of keys in the same shape, added to `keys`
+    open_health: bool = True  # /health and /ready without a key
+
+
 class GatewayConfig(_Strict):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
     workers: list[WorkerConfig] = Field(min_length=1)
     policy: PolicyConfig = PolicyConfig()
+    auth: AuthConfig = AuthConfig()
     health: HealthConfig = HealthConfig()
     request_timeout: float = Field(600.0, gt=0)
     max_retries: int = Field(2, ge=0)  # other workers tried before the first response byte
@@ -74,7 +97,17 @@ def load_config(path: str | Path) -> GatewayConfig:
         raw = yaml.safe_load(Path(path).read_text())
     except (OSError, yaml.YAMLError) as exc:
         raise ConfigError(f"{path}: {exc}") from None
-    return parse_config(raw or {}, str(path))
+    config = parse_config(raw or {}, str(path))
+    keys_file = config.auth.keys_file
+    if keys_file is None:
+        return config
+    keys_path = Path(path).parent / keys_file
+    try:
+        extra = yaml.safe_load(keys_path.read_text()) or []
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"{path}: auth.keys_file: {exc}") from None
+    raw = dict(raw, auth=dict(raw.get("auth", {}), keys=list(raw["auth"].get("keys", [])) + list(extra)))
+    return parse_config(raw, f"{path} + {keys_path}")
 
 
 def parse_config(raw: dict, source: str = "config") -> GatewayConfig:

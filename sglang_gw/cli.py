@@ -116,6 +116,21 @@ def _cmd_gateway(args) -> int:
     return uvloop.run(serve(config))
 
 
+def _cmd_key_create(args) -> int:
+    import yaml
+
+    from sglang_gw.gateway.auth import new_key
+
+    key, digest = new_key()
+    entry = {"name": args.name, "hash": digest}
+    entry.update({k: v for k, v in (("rpm", args.rpm), ("max_concurrent", args.max_concurrent),
+                                    ("models", args.models.split(",") if args.models else None)) if v is not None})
+    print(f"key (shown once, store it now): {key}")
+    print("add under auth.keys in the gateway config:")
+    print(yaml.safe_dump([entry], sort_keys=False).strip())
+    return 0
+
+
 def _add_engine_args(p: argparse.ArgumentParser) -> None:
     from sglang_gw.engine.config import DEFAULT_MODEL, EngineConfig
 
@@ -167,6 +182,14 @@ def build_parser() -> argparse.ArgumentParser:
     gw.add_argument("--config", required=True, help="gateway YAML: workers, policy, health, retries")
     gw.add_argument("--log-format", default="auto", choices=["auto", "json", "console"])
     gw.set_defaults(func=_cmd_gateway)
+
+    key = sub.add_parser("key", help="gateway API keys").add_subparsers(dest="key_cmd", required=True)
+    create = key.add_parser("create", help="print a new key once, and the hash line for the config")
+    create.add_argument("--name", required=True)
+    create.add_argument("--rpm", type=int, default=None, help="requests per minute")
+    create.add_argument("--max-concurrent", type=int, default=None)
+    create.add_argument("--models", default=None, help="comma-separated models the key may use")
+    create.set_defaults(func=_cmd_key_create)
 
     gen = sub.add_parser("generate", help="generate once from a prompt with the offline engine")
     gen.add_argument("prompt")

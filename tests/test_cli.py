@@ -47,3 +47,22 @@ def test_gateway_refuses_invalid_config_naming_the_field(tmp_path, yaml_text, fi
     result = _cli("gateway", "--config", str(path))
     assert result.returncode == 2
     assert f": {field}:" in result.stderr, result.stderr
+
+
+def test_key_create_prints_the_key_once_and_only_its_hash_for_the_config(tmp_path):
+    import yaml
+
+    from sglang_gw.gateway.auth import hash_key
+    from sglang_gw.gateway.config import load_config
+
+    result = _cli("key", "create", "--name", "alice", "--rpm", "10", "--models", "tiny,other")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    key = lines[0].rsplit(" ", 1)[1]
+    entries = yaml.safe_load("\n".join(lines[2:]))
+    assert entries == [{"name": "alice", "hash": hash_key(key), "rpm": 10, "models": ["tiny", "other"]}]
+    assert key not in "\n".join(lines[1:])
+    # The printed entry is valid config, also from a separate keys file.
+    (tmp_path / "keys.yaml").write_text(yaml.safe_dump(entries))
+    (tmp_path / "gateway.yaml").write_text('workers: [{url: "http://a:1"}]\nauth: {keys_file: keys.yaml}\n')
+    assert load_config(tmp_path / "gateway.yaml").auth.keys[0].rpm == 10

@@ -17,6 +17,7 @@ import pytest
 import yaml
 
 from conftest import EngineProcess
+from sglang_gw.gateway.auth import new_key
 
 MODEL = "tiny"
 
@@ -55,32 +56,41 @@ def engines(tiny_models):
             p.stop()
 
 
-@pytest.fixture(scope="module")
-def gateway(engines, tmp_path_factory):
+def _start_gateway(engines, tmp_path, **config):
+    """A `sglang-gw gateway` process in front of the engines; yields its URL once every engine is ready."""
     port = _free_port()
-    dead = f"http://127.0.0.1:{_free_port()}"  # refuses connections: must stay out of rotation
-    config = {"port": port, "workers": [{"url": e.url, "name": f"e{i}"} for i, e in enumerate(engines)]
-              + [{"url": dead, "name": "dead"}],
-              "policy": {"name": "prefix_affinity", "block_size": 32, "load_margin": 4},
-              "health": {"interval": 0.5, "timeout": 1.0}, "max_request_bytes": 100_000}
-    path = tmp_path_factory.mktemp("gateway") / "gateway.yaml"
+    config = {"port": port, "workers": [{"url": e.url, "name": f"e{i}"} for i, e in enumerate(engines)],
+              "health": {"interval": 0.5, "timeout": 1.0}, **config}
+    config["workers"] += config.pop("extra_workers", [])
+    path = tmp_path / "gateway.yaml"
     path.write_text(yaml.safe_dump(config))
     proc = subprocess.Popen([sys.executable, "-m", "sglang_gw.cli", "gateway", "--config", str(path),
                              "--log-format", "json"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            if _get(url + "/ready")[0] == 200 and _get(url + "/workers")[1]["workers"][2]["state"] == "ready":
-                break
-        except OSError:
-            pass
+    while _get_or_none(url + "/ready") != len(engines):
+        assert time.monotonic() < deadline and proc.poll() is None, "gateway did not become ready"
         time.sleep(0.1)
     try:
         yield url
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def _get_or_none(url: str) -> int | None:
+    try:
+        return _get(url)[1].get("ready_workers")
+    except OSError:
+        return None
+
+
+@pytest.fixture(scope="module")
+def gateway(engines, tmp_path_factory):
+    dead = f"http://127.0.0.1:{_free_port()}"  # refuses connections: must stay out of rotation
+    yield from _start_gateway(engines, tmp_path_factory.mktemp("gateway"), extra_workers=[{"url": dead, "name": "dead"}],
+                              policy={"name": "prefix_affinity", "block_size": 32, "load_margin": 4},
+                              max_request_bytes=100_000)
 
 
 @pytest.fixture
@@ -165,3 +175,68 @@ def test_bad_inputs_get_openai_error_bodies(gateway, path, body, status, param):
     got, out = _post(gateway + path, body)
     assert got == status, out
     assert set(out["error"]) == {"message", "type", "param", "code"} and out["error"]["param"] == param
+
+
+# ---- API keys ---------------------------------------------------------------------------------------
+
+KEYS = {name: new_key() for name in ("alice", "bob", "carol")}
+
+
+@pytest.fixture(scope="module")
+def keyed_gateway(engines, tmp_path_factory):
+    keys = [{"name": "alice", "hash": KEYS["alice"][1], "rpm": 3},
+            {"name": "bob", "hash": KEYS["bob"][1], "models": ["another-model"]},
+            {"name": "carol", "hash": KEYS["carol"][1], "max_concurrent": 1}]
+    yield from _start_gateway(engines, tmp_path_factory.mktemp("keyed"), auth={"keys": keys})
+
+
+def _sdk(url: str, key: str, cls=openai.OpenAI):
+    return cls(base_url=url + "/v1", api_key=key, max_retries=0)
+
+
+def test_wrong_or_missing_key_is_an_authentication_error(keyed_gateway):
+    with pytest.raises(openai.AuthenticationError):
+        _sdk(keyed_gateway, "sk-gw-wrong").completions.create(model=MODEL, prompt="hi", max_tokens=1)
+    with pytest.raises(openai.AuthenticationError):
+        _sdk(keyed_gateway, "sk-gw-wrong").models.list()
+    status, body = _post(keyed_gateway + "/v1/completions", json.dumps({"model": MODEL, "prompt": "hi"}).encode())
+    assert status == 401 and body["error"]["code"] == "invalid_api_key"  # no key at all
+    assert _get(keyed_gateway + "/health")[0] == 200  # probes need no key
+
+
+def test_rate_limit_is_a_rate_limit_error_with_retry_after(keyed_gateway):
+    client = _sdk(keyed_gateway, KEYS["alice"][0])
+    for _ in range(3):
+        client.completions.create(model=MODEL, prompt="hi", max_tokens=1)
+    with pytest.raises(openai.RateLimitError) as err:
+        client.completions.create(model=MODEL, prompt="hi", max_tokens=1)
+    assert 1 <= int(err.value.response.headers["retry-after"]) <= 60
+    assert err.value.body["code"] == "rate_limit_exceeded"
+
+
+def test_key_limited_to_other_models_is_forbidden(keyed_gateway):
+    client = _sdk(keyed_gateway, KEYS["bob"][0])
+    with pytest.raises(openai.PermissionDeniedError):
+        client.completions.create(model=MODEL, prompt="hi", max_tokens=1)
+    assert client.models.list().data == []  # it sees only the models it may use
+
+
+def test_concurrency_limit_per_key(keyed_gateway):
+    async def run():
+        client = _sdk(keyed_gateway, KEYS["carol"][0], openai.AsyncOpenAI)
+        stream = await client.completions.create(model=MODEL, prompt="long", max_tokens=300, stream=True,
+                                                 extra_body={"ignore_eos": True})
+        async for _ in stream:
+            break
+        with pytest.raises(openai.RateLimitError):
+            await client.completions.create(model=MODEL, prompt="hi", max_tokens=1)
+        await stream.close()
+        deadline = time.monotonic() + 5
+        while True:  # the slot frees when the gateway sees the stream end
+            try:
+                return await client.completions.create(model=MODEL, prompt="hi", max_tokens=1)
+            except openai.RateLimitError:
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.05)
+
+    assert asyncio.run(run()).usage.completion_tokens == 1

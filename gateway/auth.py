@@ -1,0 +1,98 @@
+"""API keys: stored as SHA-256 hashes only, compared in constant time, with per-key limits.
+
+A key may be limited to some models (403 otherwise), to requests per minute (429 with Retry-After,
+over a sliding 60 s window) and to concurrent requests (429).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import hmac
+import math
+import secrets
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from aiohttp import web
+
+from ..errors import APIError
+
+KEY_PREFIX = "sk-gw-"
+WINDOW_S = 60.0
+
+
+def hash_key(key: str) -> str:
+    return "sha256:" + hashlib.sha256(key.encode()).hexdigest()
+
+
+def new_key() -> tuple[str, str]:
+    """A fresh key and its hash (only the hash goes into the config)."""
+    key = KEY_PREFIX + secrets.token_urlsafe(32)
+    return key, hash_key(key)
+
+
+@dataclass
+class KeyState:
+    name: str
+    digest: str
+    rpm: int | None
+    max_concurrent: int | None
+    models: frozenset[str] | None
+    recent: deque = field(default_factory=deque)  # admission times inside the rate window
+    inflight: int = 0
+
+
+def presented_key(request: web.Request) -> str:
+    auth = request.headers.get("Authorization", "")
+    return auth.removeprefix("Bearer ").strip() if auth.startswith("Bearer ") else request.headers.get("x-api-key", "")
+
+
+class Authenticator:
+    def __init__(self, keys: list):
+        self.keys = [KeyState(k.name, k.hash, k.rpm, k.max_concurrent,
+                              frozenset(k.models) if k.models is not None else None) for k in keys]
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.keys)
+
+    def identify(self, request: web.Request) -> KeyState | None:
+        """The key's state, or 401. None when no keys are configured (the gateway is open)."""
+        if not self.keys:
+            return None
+        digest = hash_key(presented_key(request))
+        found = None
+        for state in self.keys:  # every comparison runs: no early exit to time
+            if hmac.compare_digest(state.digest, digest):
+                found = state
+        if found is None:
+            raise APIError(401, "invalid or missing API key", code="invalid_api_key")
+        return found
+
+    @contextlib.contextmanager
+    def admit(self, state: KeyState | None, model: str | None):
+        """Checks the key's model list and limits, and holds one concurrency slot while the request runs."""
+        if state is None:
+            yield
+            return
+        if state.models is not None and model is not None and model not in state.models:
+            raise APIError(403, f"key {state.name!r} may not use model {model!r}", param="model",
+                           code="model_not_allowed")
+        now = time.monotonic()
+        while state.recent and state.recent[0] <= now - WINDOW_S:
+            state.recent.popleft()
+        if state.rpm is not None and len(state.recent) >= state.rpm:
+            wait = math.ceil(state.recent[0] + WINDOW_S - now)
+            raise APIError(429, f"rate limit of {state.rpm} requests per minute reached for key {state.name!r}",
+                           code="rate_limit_exceeded", headers={"Retry-After": str(max(wait, 1))})
+        if state.max_concurrent is not None and state.inflight >= state.max_concurrent:
+            raise APIError(429, f"key {state.name!r} already has {state.inflight} requests in flight",
+                           code="concurrency_limit_exceeded", headers={"Retry-After": "1"})
+        state.recent.append(now)
+        state.inflight += 1
+        try:
+            yield
+        finally:
+            state.inflight -= 1
