@@ -22,6 +22,7 @@ from aiohttp import web
 from ..errors import APIError, bad_request, error_middleware, read_json
 from .auth import Authenticator
 from .config import GatewayConfig
+from .metrics import GatewayMetrics
 from .policies import RouteRequest, Worker, create_policy
 
 log = structlog.get_logger(__name__)
@@ -52,6 +53,7 @@ class Gateway:
         self.workers = [GatewayWorker(w.name or w.url, w.url) for w in config.workers]
         self.policy = create_policy(config.policy.name, seed, **config.policy.options())
         self.auth = Authenticator(config.auth.keys)
+        self.metrics = GatewayMetrics()
         self.session: aiohttp.ClientSession | None = None
         self.app = web.Application(client_max_size=config.max_request_bytes,
                                    middlewares=[error_middleware(config.max_request_bytes)])
@@ -64,6 +66,7 @@ class Gateway:
         r.add_get("/health", self.health)
         r.add_get("/ready", self.ready)
         r.add_get("/workers", self.list_workers)
+        r.add_get("/metrics", self.prometheus)
 
     # ---- lifecycle and health -----------------------------------------------------------------
 
@@ -116,10 +119,14 @@ class Gateway:
         raw = await request.read()  # cached by aiohttp: forwarded as the client sent it
         if not isinstance(body, dict):
             raise bad_request("the request body must be a JSON object", None, "invalid_json")
+        started = time.perf_counter()
         with self.auth.admit(key, body.get("model") if request.path != "/generate" else None):
-            return await self._route(request, request_id, body, raw)
+            resp = await self._route(request, request_id, body, raw, started)
+        self.metrics.latency.labels(request.path).observe(time.perf_counter() - started)
+        return resp
 
-    async def _route(self, request: web.Request, request_id: str, body: dict, raw: bytes) -> web.StreamResponse:
+    async def _route(self, request: web.Request, request_id: str, body: dict, raw: bytes,
+                     started: float) -> web.StreamResponse:
         candidates = self._candidates(request.path, body)
         route = RouteRequest(routing_text(request.path, body))
         headers = {"Content-Type": "application/json", "x-request-id": request_id}
@@ -128,6 +135,10 @@ class Gateway:
             decision = self.policy.choose(candidates, route)
             worker = decision.worker
             reason = "retry" if attempt else decision.reason
+            self.metrics.decisions.labels(reason).inc()
+            self.metrics.predicted_prefix.inc(decision.matched_bytes)
+            if attempt:
+                self.metrics.retries.inc()
             worker.inflight += 1
             try:
                 try:
@@ -138,10 +149,14 @@ class Gateway:
                     upstream = None
                 if upstream is not None and (upstream.status not in RETRY_STATUSES
                                              or attempt == self.config.max_retries):
-                    log.info("gateway.route", request_id=request_id, worker=worker.name, reason=reason,
-                             matched_bytes=decision.matched_bytes, status=upstream.status)
-                    return await self._relay(request, upstream, worker, reason, retried=attempt > 0,
+                    self.metrics.ttfb.labels(request.path).observe(time.perf_counter() - started)
+                    self.metrics.requests.labels(request.path, str(upstream.status), worker.name).inc()
+                    resp = await self._relay(request, upstream, worker, reason, retried=attempt > 0,
                                              request_id=request_id)
+                    log.info("gateway.request", request_id=request_id, path=request.path, worker=worker.name,
+                             route=reason, matched_bytes=decision.matched_bytes, status=upstream.status,
+                             seconds=round(time.perf_counter() - started, 4))
+                    return resp
                 if upstream is not None:
                     upstream.release()
             finally:
@@ -208,6 +223,12 @@ class Gateway:
             self.auth.identify(request)
         ready = sum(w.state == "ready" for w in self.workers)
         return web.json_response({"ready_workers": ready}, status=200 if ready else 503)
+
+    async def prometheus(self, request: web.Request) -> web.Response:
+        if not self.config.auth.open_metrics:
+            self.auth.identify(request)
+        return web.Response(body=self.metrics.render(self.workers, self.policy), content_type="text/plain",
+                            charset="utf-8")
 
     async def list_workers(self, request: web.Request) -> web.Response:
         self.auth.identify(request)

@@ -73,6 +73,7 @@ class AuthConfig(_Strict):
     keys: list[ApiKeyConfig] = []
     keys_file: str | None = None  # a YAML list of keys in the same shape, added to `keys`
     open_health: bool = True  # /health and /ready without a key
+    open_metrics: bool = True  # /metrics without a key
 
 
 class GatewayConfig(_Strict):

@@ -240,3 +240,24 @@ def test_concurrency_limit_per_key(keyed_gateway):
                 await asyncio.sleep(0.05)
 
     assert asyncio.run(run()).usage.completion_tokens == 1
+
+
+def test_gateway_metrics_count_requests_and_decisions(client, gateway):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    def scrape() -> dict:
+        text = urllib.request.urlopen(gateway + "/metrics", timeout=5).read().decode()
+        return {(s.name, tuple(sorted(s.labels.items()))): s.value
+                for family in text_string_to_metric_families(text) for s in family.samples}
+
+    before = scrape()
+    raw = client.completions.with_raw_response.create(model=MODEL, prompt="metrics please " * 5, max_tokens=2)
+    worker, reason = raw.headers["x-sglang-gw-worker"], raw.headers["x-sglang-gw-route"]
+    after = scrape()
+    key = ("sglang_gw_requests_total", (("path", "/v1/completions"), ("status", "200"), ("worker", worker)))
+    assert after[key] - before.get(key, 0) == 1
+    key = ("sglang_gw_routing_decisions_total", (("reason", reason),))
+    assert after[key] - before.get(key, 0) == 1
+    assert after[("sglang_gw_worker_state", (("state", "unhealthy"), ("worker", "dead")))] == 1
+    assert after[("sglang_gw_worker_state", (("state", "ready"), ("worker", "e0")))] == 1
+    assert after[("sglang_gw_prefix_index_bytes", (("worker", worker),))] > 0

@@ -1,0 +1,39 @@
+"""The gateway's Prometheus metrics (`sglang_gw_` prefix)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+WORKER_STATES = ("starting", "ready", "unhealthy")
+
+
+class GatewayMetrics:
+    def __init__(self):
+        self.registry = r = CollectorRegistry()
+        self.requests = Counter("sglang_gw_requests", "requests by path, status and worker",
+                                ["path", "status", "worker"], registry=r)
+        self.latency = Histogram("sglang_gw_request_seconds", "request duration at the gateway", ["path"],
+                                 buckets=_BUCKETS, registry=r)
+        self.ttfb = Histogram("sglang_gw_time_to_first_byte_seconds", "time to the first relayed response byte",
+                              ["path"], buckets=_BUCKETS, registry=r)
+        self.inflight = Gauge("sglang_gw_inflight_requests", "requests in flight per worker", ["worker"], registry=r)
+        self.decisions = Counter("sglang_gw_routing_decisions", "routing decisions by reason", ["reason"], registry=r)
+        self.retries = Counter("sglang_gw_retries", "requests re-sent to another worker", registry=r)
+        self.predicted_prefix = Counter("sglang_gw_predicted_prefix_bytes",
+                                        "prefix bytes the policy expected the chosen worker to have cached",
+                                        registry=r)
+        self.worker_state = Gauge("sglang_gw_worker_state", "1 for the worker's current state", ["worker", "state"],
+                                  registry=r)
+        self.prefix_index_bytes = Gauge("sglang_gw_prefix_index_bytes", "text bytes tracked per worker",
+                                        ["worker"], registry=r)
+
+    def render(self, workers, policy) -> bytes:
+        index = getattr(policy, "index", None)
+        for w in workers:
+            self.inflight.labels(w.name).set(w.inflight)
+            for state in WORKER_STATES:
+                self.worker_state.labels(w.name, state).set(1 if w.state == state else 0)
+            if index is not None:
+                self.prefix_index_bytes.labels(w.name).set(index.bytes_of(w.name))
+        return generate_latest(self.registry)
