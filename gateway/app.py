@@ -9,6 +9,7 @@ before the first response byte.
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import random
 import signal
@@ -20,8 +21,10 @@ import structlog
 from aiohttp import web
 
 from ..errors import APIError, bad_request, error_middleware, read_json
-from .auth import Authenticator
-from .config import GatewayConfig
+from pydantic import ValidationError
+
+from .auth import Authenticator, hash_key, presented_key
+from .config import GatewayConfig, WorkerConfig
 from .metrics import GatewayMetrics
 from .policies import RouteRequest, Worker, create_policy
 
@@ -36,10 +39,16 @@ class GatewayWorker(Worker):
 
     def __init__(self, name: str, url: str):
         super().__init__(name, url)
-        self.state = "starting"  # starting → ready ⇄ unhealthy
+        self.state = "starting"  # starting → ready ⇄ unhealthy (from probes, failures, the supervisor)
+        self.draining = False  # an operator's decision: no new requests; probes do not change it
         self.models: set[str] = set()
         self.failures = 0
         self.successes = 0
+        self.last_progress = time.monotonic()  # last byte relayed from it (for the stall watchdog)
+
+    @property
+    def routable(self) -> bool:
+        return self.state == "ready" and not self.draining
 
     def set_state(self, state: str, why: str) -> None:
         if state != self.state:
@@ -51,6 +60,8 @@ class Gateway:
     def __init__(self, config: GatewayConfig, seed: int | None = None):
         self.config = config
         self.workers = [GatewayWorker(w.name or w.url, w.url) for w in config.workers]
+        if len({w.name for w in self.workers}) != len(self.workers):
+            raise ValueError("workers: names must be unique")
         self.policy = create_policy(config.policy.name, seed, **config.policy.options())
         self.auth = Authenticator(config.auth.keys)
         self.metrics = GatewayMetrics()
@@ -67,6 +78,10 @@ class Gateway:
         r.add_get("/ready", self.ready)
         r.add_get("/workers", self.list_workers)
         r.add_get("/metrics", self.prometheus)
+        r.add_post("/admin/workers", self.admin_add_worker)
+        r.add_delete("/admin/workers/{name}", self.admin_remove_worker)
+        r.add_post("/admin/workers/{name}/drain", self.admin_drain)
+        r.add_post("/admin/workers/{name}/undrain", self.admin_drain)
 
     # ---- lifecycle and health -----------------------------------------------------------------
 
@@ -83,7 +98,37 @@ class Gateway:
     async def _probe_forever(self) -> None:
         while True:
             await asyncio.sleep(self.config.health.interval)
+            self._watch_stalls()
             await asyncio.gather(*(self._probe(w) for w in self.workers))
+
+    def _watch_stalls(self) -> None:
+        """A worker with requests in flight but no byte for stall_timeout is suspect: take it out."""
+        now = time.monotonic()
+        for w in self.workers:
+            if w.inflight and now - w.last_progress > self.config.health.stall_timeout:
+                w.successes = 0
+                w.set_state("unhealthy", f"no bytes for {now - w.last_progress:.1f}s with {w.inflight} in flight")
+
+    # ---- supervisor hooks ---------------------------------------------------------------------------
+
+    def worker_exited(self, name: str) -> None:
+        """The worker's process died: out of rotation at once, and its cache is gone."""
+        worker = self._worker(name)
+        worker.set_state("unhealthy", "process exited")
+        self.policy.forget(worker)
+
+    def worker_restarted(self, name: str) -> None:
+        """A new process with an empty cache: forget its prefixes; probes re-admit it once it is up."""
+        worker = self._worker(name)
+        worker.models.clear()
+        worker.set_state("starting", "process restarted")
+        self.policy.forget(worker)
+
+    def _worker(self, name: str) -> GatewayWorker:
+        for w in self.workers:
+            if w.name == name:
+                return w
+        raise APIError(404, f"no worker named {name!r}", param="name", code="worker_not_found")
 
     async def _probe(self, worker: GatewayWorker) -> None:
         h = self.config.health
@@ -140,6 +185,7 @@ class Gateway:
             if attempt:
                 self.metrics.retries.inc()
             worker.inflight += 1
+            worker.last_progress = time.monotonic()
             try:
                 try:
                     upstream = await self.session.post(worker.url + request.path, data=raw, headers=headers,
@@ -167,7 +213,7 @@ class Gateway:
                        headers={"x-should-retry": "false"})
 
     def _candidates(self, path: str, body: dict) -> list[GatewayWorker]:
-        ready = [w for w in self.workers if w.state == "ready"]
+        ready = [w for w in self.workers if w.routable]
         if path != "/generate":  # SGLang's native API has no model field
             model = body.get("model")
             if not isinstance(model, str):
@@ -192,6 +238,7 @@ class Gateway:
         await resp.prepare(request)
         try:
             async for chunk in upstream.content.iter_any():
+                worker.last_progress = time.monotonic()
                 await resp.write(chunk)
         except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, asyncio.TimeoutError) as exc:
             self._eject(worker, f"stream: {type(exc).__name__}")
@@ -207,7 +254,7 @@ class Gateway:
 
     async def models(self, request: web.Request) -> web.Response:
         key = self.auth.identify(request)
-        served = sorted({m for w in self.workers if w.state == "ready" for m in w.models
+        served = sorted({m for w in self.workers if w.routable for m in w.models
                          if key is None or key.models is None or m in key.models})
         now = int(time.time())
         return web.json_response({"object": "list", "data": [
@@ -221,7 +268,7 @@ class Gateway:
     async def ready(self, request: web.Request) -> web.Response:
         if not self.config.auth.open_health:
             self.auth.identify(request)
-        ready = sum(w.state == "ready" for w in self.workers)
+        ready = sum(w.routable for w in self.workers)
         return web.json_response({"ready_workers": ready}, status=200 if ready else 503)
 
     async def prometheus(self, request: web.Request) -> web.Response:
@@ -233,9 +280,52 @@ class Gateway:
     async def list_workers(self, request: web.Request) -> web.Response:
         self.auth.identify(request)
         return web.json_response({"workers": [
-            {"name": w.name, "url": w.url, "state": w.state, "inflight": w.inflight, "models": sorted(w.models),
+            {"name": w.name, "url": w.url, "state": w.state, "draining": w.draining, "inflight": w.inflight,
+             "models": sorted(w.models),
              "prefix_bytes": getattr(self.policy, "index", None) and self.policy.index.bytes_of(w.name)}
             for w in self.workers]})
+
+
+    # ---- admin API (behind the admin key) -----------------------------------------------------------
+
+    def _require_admin(self, request: web.Request) -> None:
+        expected = self.config.admin.key_hash
+        if expected is None:
+            raise APIError(403, "the admin API is disabled: set admin.key_hash in the config", code="admin_disabled")
+        if not hmac.compare_digest(hash_key(presented_key(request)), expected):
+            raise APIError(401, "invalid or missing admin key", code="invalid_api_key")
+
+    async def admin_add_worker(self, request: web.Request) -> web.Response:
+        self._require_admin(request)
+        body = await read_json(request)
+        try:
+            spec = WorkerConfig.model_validate(body)
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            raise bad_request(f"{'.'.join(map(str, err['loc']))}: {err['msg']}", str(err["loc"][0])) from None
+        name = spec.name or spec.url
+        if any(w.name == name for w in self.workers):
+            raise APIError(409, f"a worker named {name!r} exists", param="name", code="worker_exists")
+        worker = GatewayWorker(name, spec.url)
+        self.workers.append(worker)
+        await self._probe(worker)
+        log.info("gateway.worker_added", worker=name, url=spec.url, state=worker.state)
+        return web.json_response({"name": name, "state": worker.state}, status=201)
+
+    async def admin_remove_worker(self, request: web.Request) -> web.Response:
+        self._require_admin(request)
+        worker = self._worker(request.match_info["name"])
+        self.workers.remove(worker)  # in-flight requests hold their own reference and finish
+        self.policy.forget(worker)
+        log.info("gateway.worker_removed", worker=worker.name, inflight=worker.inflight)
+        return web.json_response({"removed": worker.name, "inflight": worker.inflight})
+
+    async def admin_drain(self, request: web.Request) -> web.Response:
+        self._require_admin(request)
+        worker = self._worker(request.match_info["name"])
+        worker.draining = request.path.endswith("/drain")
+        log.info("gateway.worker_draining" if worker.draining else "gateway.worker_undrained", worker=worker.name)
+        return web.json_response({"name": worker.name, "draining": worker.draining, "inflight": worker.inflight})
 
 
 def routing_text(path: str, body: dict) -> str:

@@ -51,6 +51,7 @@ class HealthConfig(_Strict):
     timeout: float = Field(2.0, gt=0)
     failure_threshold: int = Field(2, ge=1)  # consecutive failures ⇒ unhealthy
     success_threshold: int = Field(1, ge=1)  # consecutive successes ⇒ ready again
+    stall_timeout: float = Field(60.0, gt=0)  # in-flight requests but no byte for this long ⇒ unhealthy
 
 
 class ApiKeyConfig(_Strict):
@@ -76,12 +77,22 @@ class AuthConfig(_Strict):
     open_metrics: bool = True  # /metrics without a key
 
 
+class AdminConfig(_Strict):
+    key_hash: str | None = None  # "sha256:<hex>" of the admin key; None disables the admin API
+
+    @field_validator("key_hash")
+    @classmethod
+    def _sha256(cls, value: str | None) -> str | None:
+        return None if value is None else ApiKeyConfig._sha256(value)
+
+
 class GatewayConfig(_Strict):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
     workers: list[WorkerConfig] = Field(min_length=1)
     policy: PolicyConfig = PolicyConfig()
     auth: AuthConfig = AuthConfig()
+    admin: AdminConfig = AdminConfig()
     health: HealthConfig = HealthConfig()
     request_timeout: float = Field(600.0, gt=0)
     max_retries: int = Field(2, ge=0)  # other workers tried before the first response byte

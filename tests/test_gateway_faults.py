@@ -12,14 +12,16 @@ import pytest
 from aiohttp import web
 
 from sglang_gw.gateway.app import Gateway
+from sglang_gw.gateway.auth import hash_key
 from sglang_gw.gateway.config import parse_config
 
 MODEL = "fake"
+ADMIN_KEY = "sk-gw-admin-for-tests"
 
 
 def fake_engine(mode: str) -> web.Application:
     """ok: answers; error503/error500: fails every generation; midstream: drops the connection after two
-    SSE events; hang: never answers /health."""
+    SSE events; stall: stops sending after two events, connection open; hang: never answers /health."""
 
     async def health(request):
         if mode == "hang":
@@ -45,6 +47,8 @@ def fake_engine(mode: str) -> web.Application:
         if mode == "midstream":
             request.transport.close()  # the engine dies mid-response
             return resp
+        if mode == "stall":
+            await asyncio.sleep(3600)  # hung mid-stream: the connection stays open, no more bytes
         await resp.write(b"data: [DONE]\n\n")
         return resp
 
@@ -59,13 +63,14 @@ class Fleet:
     """Fake engines plus the gateway, all on one event loop in a background thread."""
 
     def __init__(self, modes: list[str], **config):
+        config = {"admin": {"key_hash": hash_key(ADMIN_KEY)}, **config}
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
         self.runners = []
         urls = [self.call(self._serve(fake_engine(mode))) for mode in modes]
         cfg = parse_config({"port": 0, "workers": [{"url": u, "name": m} for u, m in zip(urls, modes)],
-                            "health": {"interval": 0.2, "timeout": 1.0, "failure_threshold": 2},
+                            "health": {"interval": 0.2, "timeout": 1.0, "failure_threshold": 2, "stall_timeout": 1.0},
                             "retry_backoff": 0.0, "policy": {"name": "round_robin"}, **config})
         self.gateway = Gateway(cfg, seed=0)
         self.url = self.call(self._serve(self.gateway.app))
@@ -100,9 +105,11 @@ class Fleet:
             time.sleep(0.01)
 
 
-async def _post(url: str, body: dict) -> tuple[int, dict, bytes]:
+async def _post(url: str, body: dict, path: str = "/v1/completions", method: str = "POST",
+                key: str | None = None) -> tuple[int, dict, bytes]:
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
     async with aiohttp.ClientSession() as session:
-        async with session.post(url + "/v1/completions", json=body) as resp:
+        async with session.request(method, url + path, json=body, headers=headers) as resp:
             return resp.status, dict(resp.headers), await resp.read()
 
 
@@ -158,3 +165,68 @@ def test_refused_connection_ejects_the_worker_and_the_request_succeeds(fleet):
     assert all(s[0] == 200 for s in statuses)
     assert status == 200 and headers["x-sglang-gw-route"] == "retry" and headers["x-should-retry"] == "false"
     assert fleet.states()["ok2"] == "unhealthy"
+
+
+@pytest.mark.parametrize("fleet", [["stall", "ok"]], indirect=True)
+def test_stalled_stream_makes_the_worker_suspect(fleet):
+    async def run():
+        async with aiohttp.ClientSession() as session:
+            async with session.post(fleet.url + "/v1/completions",
+                                    json={"model": MODEL, "prompt": "x", "stream": True}) as stuck:
+                await stuck.content.readline()  # the first event arrived; then nothing
+                deadline = time.monotonic() + 10
+                while fleet.states()["stall"] != "unhealthy":
+                    assert time.monotonic() < deadline, fleet.states()
+                    await asyncio.sleep(0.05)
+                status, headers, _ = await _post(fleet.url, {"model": MODEL, "prompt": "y"})
+                assert status == 200 and headers["x-sglang-gw-worker"] == "ok"
+
+    # round robin sends the first request to "stall"
+    asyncio.run(run())
+
+
+@pytest.mark.parametrize("fleet", [["ok", "ok2"]], indirect=True)
+def test_admin_api_drains_adds_and_removes_workers(fleet):
+    def admin(path, method="POST", body=None, key=ADMIN_KEY):
+        status, _, out = asyncio.run(_post(fleet.url, body or {}, path, method, key))
+        return status, json.loads(out)
+
+    assert admin("/admin/workers/ok2/drain", key="sk-gw-wrong")[0] == 401
+    assert admin("/admin/workers/ok2/drain") == (200, {"name": "ok2", "draining": True, "inflight": 0})
+    workers = {asyncio.run(_post(fleet.url, {"model": MODEL, "prompt": "x"}))[1]["x-sglang-gw-worker"]
+               for _ in range(4)}
+    assert workers == {"ok"}  # a draining worker gets nothing new
+    admin("/admin/workers/ok2/undrain")
+    extra = fleet.call(fleet._serve(fake_engine("ok")))
+    assert admin("/admin/workers", body={"url": extra, "name": "ok3"}) == (201, {"name": "ok3", "state": "ready"})
+    assert admin("/admin/workers", body={"url": extra, "name": "ok3"})[0] == 409
+    assert admin("/admin/workers", body={"url": "not-a-url"})[0] == 400
+    workers = {asyncio.run(_post(fleet.url, {"model": MODEL, "prompt": "x"}))[1]["x-sglang-gw-worker"]
+               for _ in range(6)}
+    assert workers == {"ok", "ok2", "ok3"}
+    assert admin("/admin/workers/ok", method="DELETE")[0] == 200
+    assert admin("/admin/workers/nope", method="DELETE")[0] == 404
+    assert [w.name for w in fleet.gateway.workers] == ["ok2", "ok3"]
+
+
+def test_supervisor_hooks_eject_at_once_and_forget_prefixes():
+    fleet = Fleet(["ok", "ok2"], policy={"name": "prefix_affinity", "block_size": 8})
+    try:
+        gateway, index = fleet.gateway, fleet.gateway.policy.index
+        _, headers, _ = asyncio.run(_post(fleet.url, {"model": MODEL, "prompt": "a long shared prefix " * 4}))
+        home = headers["x-sglang-gw-worker"]
+        other = "ok2" if home == "ok" else "ok"
+        assert index.bytes_of(home) > 0
+        gateway.worker_exited(home)
+        assert fleet.states()[home] == "unhealthy" and index.bytes_of(home) == 0
+        for _ in range(3):
+            _, headers, _ = asyncio.run(_post(fleet.url, {"model": MODEL, "prompt": "a long shared prefix " * 4}))
+            assert headers["x-sglang-gw-worker"] == other
+        gateway.worker_restarted(home)
+        assert fleet.states()[home] == "starting"
+        deadline = time.monotonic() + 5
+        while fleet.states()[home] != "ready":  # the probe re-admits it once it answers
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+    finally:
+        fleet.close()
