@@ -26,6 +26,7 @@ from pydantic import ValidationError
 from .auth import Authenticator, hash_key, presented_key
 from .config import GatewayConfig, WorkerConfig
 from .metrics import GatewayMetrics
+from .routing_text import RoutingText
 from .policies import RouteRequest, Worker, create_policy
 
 log = structlog.get_logger(__name__)
@@ -45,10 +46,12 @@ class GatewayWorker(Worker):
         self.failures = 0
         self.successes = 0
         self.last_progress = time.monotonic()  # last byte relayed from it (for the stall watchdog)
+        self.consecutive_errors = 0  # connect errors and 5xx answers in a row (the circuit breaker)
+        self.open_until = 0.0  # while the breaker is open, no requests, whatever the probes say
 
     @property
     def routable(self) -> bool:
-        return self.state == "ready" and not self.draining
+        return self.state == "ready" and not self.draining and time.monotonic() >= self.open_until
 
     def set_state(self, state: str, why: str) -> None:
         if state != self.state:
@@ -65,6 +68,7 @@ class Gateway:
         self.policy = create_policy(config.policy.name, seed, **config.policy.options())
         self.auth = Authenticator(config.auth.keys)
         self.metrics = GatewayMetrics()
+        self.routing_text = RoutingText()
         self.session: aiohttp.ClientSession | None = None
         self.app = web.Application(client_max_size=config.max_request_bytes,
                                    middlewares=[error_middleware(config.max_request_bytes)])
@@ -139,6 +143,7 @@ class Gateway:
             if ok and not worker.models:
                 async with self.session.get(worker.url + "/v1/models", timeout=timeout) as resp:
                     worker.models = {m["id"] for m in (await resp.json())["data"]}
+                await self.routing_text.learn(self.session, worker.url, worker.models, timeout)
         except (aiohttp.ClientError, asyncio.TimeoutError, KeyError, ValueError):
             ok = False
         if ok:
@@ -154,6 +159,16 @@ class Gateway:
         """Passive ejection: a connection error takes the worker out until a probe succeeds."""
         worker.successes = 0
         worker.set_state("unhealthy", why)
+        self._count_outcome(worker, failed=True)
+
+    def _count_outcome(self, worker: GatewayWorker, failed: bool) -> None:
+        """The circuit breaker: `breaker_threshold` failures in a row open it for `breaker_cooldown` s."""
+        h = self.config.health
+        worker.consecutive_errors = worker.consecutive_errors + 1 if failed else 0
+        if worker.consecutive_errors >= h.breaker_threshold:
+            worker.open_until = time.monotonic() + h.breaker_cooldown
+            worker.consecutive_errors = 0
+            log.warning("gateway.circuit_open", worker=worker.name, seconds=h.breaker_cooldown)
 
     # ---- the request path ---------------------------------------------------------------------------
 
@@ -173,7 +188,7 @@ class Gateway:
     async def _route(self, request: web.Request, request_id: str, body: dict, raw: bytes,
                      started: float) -> web.StreamResponse:
         candidates = self._candidates(request.path, body)
-        route = RouteRequest(routing_text(request.path, body))
+        route = RouteRequest(self.routing_text(request.path, body))
         headers = {"Content-Type": "application/json", "x-request-id": request_id}
         timeout = aiohttp.ClientTimeout(total=self.config.request_timeout)
         for attempt in range(self.config.max_retries + 1):
@@ -193,12 +208,14 @@ class Gateway:
                 except (aiohttp.ClientConnectionError, asyncio.TimeoutError) as exc:
                     self._eject(worker, f"connect: {type(exc).__name__}")
                     upstream = None
+                if upstream is not None:
+                    self._count_outcome(worker, failed=upstream.status >= 500)
                 if upstream is not None and (upstream.status not in RETRY_STATUSES
                                              or attempt == self.config.max_retries):
                     self.metrics.ttfb.labels(request.path).observe(time.perf_counter() - started)
                     self.metrics.requests.labels(request.path, str(upstream.status), worker.name).inc()
                     resp = await self._relay(request, upstream, worker, reason, retried=attempt > 0,
-                                             request_id=request_id)
+                                             request_id=request_id, matched_bytes=decision.matched_bytes)
                     log.info("gateway.request", request_id=request_id, path=request.path, worker=worker.name,
                              route=reason, matched_bytes=decision.matched_bytes, status=upstream.status,
                              seconds=round(time.perf_counter() - started, 4))
@@ -228,10 +245,11 @@ class Gateway:
         return ready
 
     async def _relay(self, request: web.Request, upstream: aiohttp.ClientResponse, worker: GatewayWorker,
-                     reason: str, retried: bool, request_id: str) -> web.StreamResponse:
+                     reason: str, retried: bool, request_id: str, matched_bytes: int) -> web.StreamResponse:
         """Pass the upstream response through as bytes; a broken upstream stream ends with an error event."""
         headers = {"Content-Type": upstream.headers.get("Content-Type", "application/json"),
-                   "x-sglang-gw-worker": worker.name, "x-sglang-gw-route": reason, "x-request-id": request_id}
+                   "x-sglang-gw-worker": worker.name, "x-sglang-gw-route": reason, "x-request-id": request_id,
+                   "x-sglang-gw-matched-bytes": str(matched_bytes)}
         if retried:
             headers["x-should-retry"] = "false"  # we already failed over: the SDK must not multiply retries
         resp = web.StreamResponse(status=upstream.status, headers=headers)
@@ -326,19 +344,6 @@ class Gateway:
         worker.draining = request.path.endswith("/drain")
         log.info("gateway.worker_draining" if worker.draining else "gateway.worker_undrained", worker=worker.name)
         return web.json_response({"name": worker.name, "draining": worker.draining, "inflight": worker.inflight})
-
-
-def routing_text(path: str, body: dict) -> str:
-    """The text the engine will see, as far as the gateway can tell without the tokenizer.
-    Chat: role-tagged message contents (the rendered template comes later)."""
-    if path == "/v1/chat/completions":
-        messages = body.get("messages") if isinstance(body.get("messages"), list) else []
-        return "".join(f"<{m.get('role')}>{m.get('content')}\n" for m in messages if isinstance(m, dict))
-    if path == "/v1/completions":
-        prompt = body.get("prompt")
-        return prompt if isinstance(prompt, str) else json.dumps(prompt)
-    text = body.get("text")
-    return text if isinstance(text, str) else json.dumps(text if text is not None else body.get("input_ids"))
 
 
 async def serve(config: GatewayConfig) -> int:

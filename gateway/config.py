@@ -52,6 +52,8 @@ class HealthConfig(_Strict):
     failure_threshold: int = Field(2, ge=1)  # consecutive failures ⇒ unhealthy
     success_threshold: int = Field(1, ge=1)  # consecutive successes ⇒ ready again
     stall_timeout: float = Field(60.0, gt=0)  # in-flight requests but no byte for this long ⇒ unhealthy
+    breaker_threshold: int = Field(5, ge=1)  # connect errors / 5xx in a row that open a worker's circuit
+    breaker_cooldown: float = Field(30.0, gt=0)  # seconds an open circuit keeps the worker out
 
 
 class ApiKeyConfig(_Strict):

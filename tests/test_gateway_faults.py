@@ -230,3 +230,12 @@ def test_supervisor_hooks_eject_at_once_and_forget_prefixes():
             time.sleep(0.05)
     finally:
         fleet.close()
+
+
+@pytest.mark.parametrize("fleet", [["error500", "ok"]], indirect=True)
+def test_circuit_breaker_takes_a_failing_worker_out(fleet):
+    seen = [asyncio.run(_post(fleet.url, {"model": MODEL, "prompt": "x"}))[1]["x-sglang-gw-worker"]
+            for _ in range(14)]
+    # Round robin alternates until error500 has failed 5 times in a row; then its circuit is open.
+    assert seen[:10].count("error500") == 5 and set(seen[10:]) == {"ok"}
+    assert fleet.states()["error500"] == "ready"  # its /health is fine: only the breaker keeps it out

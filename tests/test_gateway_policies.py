@@ -108,3 +108,24 @@ def test_prefix_affinity_forgets_a_restarted_worker():
     assert policy.choose(workers, RouteRequest(text + "y")).reason == "cache_hit"
     policy.forget(first)
     assert policy.choose(workers, RouteRequest(text + "z")).reason == "miss"
+
+
+def test_chat_routing_text_is_the_rendered_template_when_the_tokenizer_is_local(tiny_models):
+    from transformers import AutoTokenizer
+
+    from sglang_gw.gateway.routing_text import RoutingText
+
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": [{"type": "text", "text": "hi"}]}]
+    text = RoutingText()
+    fallback = text("/v1/chat/completions", {"model": "tiny", "messages": messages})
+    assert fallback == "<system>be brief\n<user>hi\n"
+    text.add_tokenizer("tiny", str(tiny_models["llama"]))
+    rendered = text("/v1/chat/completions", {"model": "tiny", "messages": messages})
+    expected = AutoTokenizer.from_pretrained(tiny_models["llama"]).apply_chat_template(
+        [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}], tokenize=False,
+        add_generation_prompt=True)
+    assert rendered == expected != fallback
+    text.add_tokenizer("remote", "/not/on/this/host")
+    assert text("/v1/chat/completions", {"model": "remote", "messages": messages}) == fallback
+    assert text("/v1/completions", {"prompt": "abc"}) == "abc"
+    assert text("/generate", {"input_ids": [1, 2]}) == "[1, 2]"

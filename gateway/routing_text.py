@@ -1,0 +1,80 @@
+"""The text a request's prefix is matched on: what the engine will actually see, where we can tell.
+
+For chat, that is the messages rendered with the model's chat template. The gateway learns each
+model's tokenizer from a worker's `/get_model_info` and loads it when that path exists on this host
+(the usual single-machine setup); otherwise it falls back to role-tagged message contents, which
+still keep one conversation's turns sharing a prefix.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import aiohttp
+import structlog
+
+log = structlog.get_logger(__name__)
+
+
+def _load_tokenizer(path: str):
+    if not Path(path).is_dir():
+        return None
+    try:
+        from transformers import AutoTokenizer  # only when a template can actually be used
+
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except Exception as exc:  # noqa: BLE001 — a broken tokenizer only costs routing precision
+        log.warning("gateway.tokenizer_unavailable", path=path, error=str(exc))
+        return None
+    return tokenizer if tokenizer.chat_template else None
+
+
+def _content(message: dict) -> str:
+    content = message.get("content")
+    if isinstance(content, list):
+        return "".join(part.get("text", "") for part in content if isinstance(part, dict))
+    return content if isinstance(content, str) else ""
+
+
+class RoutingText:
+    def __init__(self):
+        self._templates: dict[str, object | None] = {}  # model → tokenizer with a chat template, or None
+
+    def add_tokenizer(self, model: str, path: str) -> None:
+        self._templates[model] = _load_tokenizer(path)
+
+    async def learn(self, session: aiohttp.ClientSession, url: str, models: set[str],
+                    timeout: aiohttp.ClientTimeout) -> None:
+        """Called when a worker's models are discovered; loads each new model's template once."""
+        new = [m for m in models if m not in self._templates]
+        if not new:
+            return
+        try:
+            async with session.get(url + "/get_model_info", timeout=timeout) as resp:
+                info = await resp.json() if resp.status == 200 else {}
+        except (aiohttp.ClientError, asyncio.TimeoutError, ValueError):
+            info = {}  # not an sglang-gw / SGLang engine: role-tagged text it is
+        path = str(info.get("tokenizer_path") or info.get("model_path") or "")
+        for model in new:
+            await asyncio.to_thread(self.add_tokenizer, model, path)
+            log.info("gateway.routing_text", model=model, chat_template=self._templates[model] is not None)
+
+    def __call__(self, path: str, body: dict) -> str:
+        if path == "/v1/chat/completions":
+            messages = [m for m in body.get("messages") or [] if isinstance(m, dict)]
+            tokenizer = self._templates.get(body.get("model"))
+            if tokenizer is not None:
+                try:
+                    return tokenizer.apply_chat_template(
+                        [{"role": m.get("role"), "content": _content(m)} for m in messages],
+                        tokenize=False, add_generation_prompt=True)
+                except Exception:  # noqa: BLE001 — the engine will reject it; route it anywhere sane
+                    pass
+            return "".join(f"<{m.get('role')}>{_content(m)}\n" for m in messages)
+        if path == "/v1/completions":
+            prompt = body.get("prompt")
+            return prompt if isinstance(prompt, str) else json.dumps(prompt)
+        text = body.get("text")
+        return text if isinstance(text, str) else json.dumps(text if text is not None else body.get("input_ids"))
