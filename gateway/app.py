@@ -69,6 +69,8 @@ class Gateway:
         self.auth = Authenticator(config.auth.keys)
         self.metrics = GatewayMetrics()
         self.routing_text = RoutingText()
+        self.queued = 0
+        self._capacity = asyncio.Condition()  # notified whenever a worker finishes a request
         self.session: aiohttp.ClientSession | None = None
         self.app = web.Application(client_max_size=config.max_request_bytes,
                                    middlewares=[error_middleware(config.max_request_bytes)])
@@ -192,7 +194,7 @@ class Gateway:
         headers = {"Content-Type": "application/json", "x-request-id": request_id}
         timeout = aiohttp.ClientTimeout(total=self.config.request_timeout)
         for attempt in range(self.config.max_retries + 1):
-            decision = self.policy.choose(candidates, route)
+            decision = self.policy.choose(await self._with_capacity(candidates), route)
             worker = decision.worker
             reason = "retry" if attempt else decision.reason
             self.metrics.decisions.labels(reason).inc()
@@ -224,10 +226,33 @@ class Gateway:
                     upstream.release()
             finally:
                 worker.inflight -= 1
+                async with self._capacity:
+                    self._capacity.notify()
             candidates = [w for w in candidates if w is not worker] or candidates
             await asyncio.sleep(self.config.retry_backoff * (2 ** attempt) * random.uniform(0.5, 1.5))
         raise APIError(502, "no worker could take the request", code="upstream_unavailable",
                        headers={"x-should-retry": "false"})
+
+    async def _with_capacity(self, candidates: list[GatewayWorker]) -> list[GatewayWorker]:
+        """The candidates below the per-worker cap, waiting in the bounded queue while there are none."""
+        limit = self.config.max_inflight_per_worker
+        free = [w for w in candidates if limit is None or w.inflight < limit]
+        if free:
+            return free
+        if self.queued >= self.config.max_queued_requests:
+            raise APIError(503, "every worker is at its concurrency limit and the queue is full",
+                           code="queue_full", headers={"Retry-After": "1"})
+        self.queued += 1
+        try:
+            async with self._capacity:
+                await asyncio.wait_for(self._capacity.wait_for(
+                    lambda: any(w.inflight < limit for w in candidates)), self.config.queue_timeout)
+        except asyncio.TimeoutError:
+            raise APIError(503, f"no worker freed up within {self.config.queue_timeout}s", code="queue_timeout",
+                           headers={"Retry-After": "1"}) from None
+        finally:
+            self.queued -= 1
+        return [w for w in candidates if w.inflight < limit]
 
     def _candidates(self, path: str, body: dict) -> list[GatewayWorker]:
         ready = [w for w in self.workers if w.routable]

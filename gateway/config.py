@@ -100,6 +100,11 @@ class GatewayConfig(_Strict):
     max_retries: int = Field(2, ge=0)  # other workers tried before the first response byte
     retry_backoff: float = Field(0.05, ge=0)  # seconds, doubled per retry, with jitter
     max_request_bytes: int = Field(16 << 20, ge=1)
+    # Per-worker concurrency cap (None: no cap). With every candidate at the cap, requests wait in a
+    # bounded queue; past max_queued_requests, or after queue_timeout seconds, they get 503 + Retry-After.
+    max_inflight_per_worker: int | None = Field(None, ge=1)
+    max_queued_requests: int = Field(256, ge=0)
+    queue_timeout: float = Field(30.0, gt=0)
 
 
 class ConfigError(ValueError):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 from pathlib import Path
 
 import aiohttp
@@ -18,13 +19,17 @@ import structlog
 log = structlog.get_logger(__name__)
 
 
+_load_lock = threading.Lock()  # probes of several workers may learn at once; import transformers once
+
+
 def _load_tokenizer(path: str):
-    if not Path(path).is_dir():
+    if not path or not Path(path).is_dir():
         return None
     try:
         from transformers import AutoTokenizer  # only when a template can actually be used
 
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        with _load_lock:
+            tokenizer = AutoTokenizer.from_pretrained(path)
     except Exception as exc:  # noqa: BLE001 — a broken tokenizer only costs routing precision
         log.warning("gateway.tokenizer_unavailable", path=path, error=str(exc))
         return None

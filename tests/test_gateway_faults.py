@@ -21,7 +21,9 @@ ADMIN_KEY = "sk-gw-admin-for-tests"
 
 def fake_engine(mode: str) -> web.Application:
     """ok: answers; error503/error500: fails every generation; midstream: drops the connection after two
-    SSE events; stall: stops sending after two events, connection open; hang: never answers /health."""
+    SSE events; stall: stops sending after two events, connection open; hang: never answers /health;
+    slow: answers after 0.5 s. A "-suffix" only names another worker of the same kind."""
+    mode = mode.split("-")[0]
 
     async def health(request):
         if mode == "hang":
@@ -37,6 +39,8 @@ def fake_engine(mode: str) -> web.Application:
             status = int(mode[-3:])
             return web.json_response({"error": {"message": mode, "type": "x", "param": None, "code": None}},
                                      status=status)
+        if mode == "slow":
+            await asyncio.sleep(0.5)
         if not body.get("stream"):
             return web.json_response({"id": "c", "object": "text_completion", "model": MODEL,
                                       "choices": [{"index": 0, "text": f"from {mode}", "finish_reason": "length"}]})
@@ -156,7 +160,7 @@ def test_hung_worker_is_taken_out_of_rotation_by_the_probe(fleet):
         assert status == 200 and headers["x-sglang-gw-worker"] == "ok"
 
 
-@pytest.mark.parametrize("fleet", [["ok", "ok2"]], indirect=True)
+@pytest.mark.parametrize("fleet", [["ok", "ok-2"]], indirect=True)
 def test_refused_connection_ejects_the_worker_and_the_request_succeeds(fleet):
     fleet.gateway.workers[1].url = "http://127.0.0.1:9"  # now refuses connections; probes have not noticed
     fleet.gateway.workers[1].state = "ready"
@@ -164,7 +168,7 @@ def test_refused_connection_ejects_the_worker_and_the_request_succeeds(fleet):
     status, headers, _ = next(s for s in statuses if s[1]["x-sglang-gw-route"] == "retry")
     assert all(s[0] == 200 for s in statuses)
     assert status == 200 and headers["x-sglang-gw-route"] == "retry" and headers["x-should-retry"] == "false"
-    assert fleet.states()["ok2"] == "unhealthy"
+    assert fleet.states()["ok-2"] == "unhealthy"
 
 
 @pytest.mark.parametrize("fleet", [["stall", "ok"]], indirect=True)
@@ -185,37 +189,37 @@ def test_stalled_stream_makes_the_worker_suspect(fleet):
     asyncio.run(run())
 
 
-@pytest.mark.parametrize("fleet", [["ok", "ok2"]], indirect=True)
+@pytest.mark.parametrize("fleet", [["ok", "ok-2"]], indirect=True)
 def test_admin_api_drains_adds_and_removes_workers(fleet):
     def admin(path, method="POST", body=None, key=ADMIN_KEY):
         status, _, out = asyncio.run(_post(fleet.url, body or {}, path, method, key))
         return status, json.loads(out)
 
-    assert admin("/admin/workers/ok2/drain", key="sk-gw-wrong")[0] == 401
-    assert admin("/admin/workers/ok2/drain") == (200, {"name": "ok2", "draining": True, "inflight": 0})
+    assert admin("/admin/workers/ok-2/drain", key="sk-gw-wrong")[0] == 401
+    assert admin("/admin/workers/ok-2/drain") == (200, {"name": "ok-2", "draining": True, "inflight": 0})
     workers = {asyncio.run(_post(fleet.url, {"model": MODEL, "prompt": "x"}))[1]["x-sglang-gw-worker"]
                for _ in range(4)}
     assert workers == {"ok"}  # a draining worker gets nothing new
-    admin("/admin/workers/ok2/undrain")
+    admin("/admin/workers/ok-2/undrain")
     extra = fleet.call(fleet._serve(fake_engine("ok")))
-    assert admin("/admin/workers", body={"url": extra, "name": "ok3"}) == (201, {"name": "ok3", "state": "ready"})
-    assert admin("/admin/workers", body={"url": extra, "name": "ok3"})[0] == 409
+    assert admin("/admin/workers", body={"url": extra, "name": "ok-3"}) == (201, {"name": "ok-3", "state": "ready"})
+    assert admin("/admin/workers", body={"url": extra, "name": "ok-3"})[0] == 409
     assert admin("/admin/workers", body={"url": "not-a-url"})[0] == 400
     workers = {asyncio.run(_post(fleet.url, {"model": MODEL, "prompt": "x"}))[1]["x-sglang-gw-worker"]
                for _ in range(6)}
-    assert workers == {"ok", "ok2", "ok3"}
+    assert workers == {"ok", "ok-2", "ok-3"}
     assert admin("/admin/workers/ok", method="DELETE")[0] == 200
     assert admin("/admin/workers/nope", method="DELETE")[0] == 404
-    assert [w.name for w in fleet.gateway.workers] == ["ok2", "ok3"]
+    assert [w.name for w in fleet.gateway.workers] == ["ok-2", "ok-3"]
 
 
 def test_supervisor_hooks_eject_at_once_and_forget_prefixes():
-    fleet = Fleet(["ok", "ok2"], policy={"name": "prefix_affinity", "block_size": 8})
+    fleet = Fleet(["ok", "ok-2"], policy={"name": "prefix_affinity", "block_size": 8})
     try:
         gateway, index = fleet.gateway, fleet.gateway.policy.index
         _, headers, _ = asyncio.run(_post(fleet.url, {"model": MODEL, "prompt": "a long shared prefix " * 4}))
         home = headers["x-sglang-gw-worker"]
-        other = "ok2" if home == "ok" else "ok"
+        other = "ok-2" if home == "ok" else "ok"
         assert index.bytes_of(home) > 0
         gateway.worker_exited(home)
         assert fleet.states()[home] == "unhealthy" and index.bytes_of(home) == 0
@@ -239,3 +243,20 @@ def test_circuit_breaker_takes_a_failing_worker_out(fleet):
     # Round robin alternates until error500 has failed 5 times in a row; then its circuit is open.
     assert seen[:10].count("error500") == 5 and set(seen[10:]) == {"ok"}
     assert fleet.states()["error500"] == "ready"  # its /health is fine: only the breaker keeps it out
+
+
+def test_requests_wait_in_a_bounded_queue_when_every_worker_is_at_its_cap():
+    fleet = Fleet(["slow", "slow-2"], max_inflight_per_worker=1, max_queued_requests=2)
+    try:
+        async def burst(n):
+            return await asyncio.gather(*(_post(fleet.url, {"model": MODEL, "prompt": str(i)}) for i in range(n)))
+
+        assert [status for status, _, _ in asyncio.run(burst(4))] == [200] * 4  # 2 running, 2 queued
+        statuses = sorted(status for status, _, _ in asyncio.run(burst(5)))
+        assert statuses == [200, 200, 200, 200, 503]
+        rejected = next(h for status, h, _ in asyncio.run(burst(5)) if status == 503)
+        assert rejected["Retry-After"] == "1"
+        fleet.assert_load_settles()
+        assert fleet.gateway.queued == 0
+    finally:
+        fleet.close()
