@@ -1,0 +1,267 @@
+"""Gateway cost (issue #4): sglang-gw's gateway vs nginx (least_conn, proxy_buffering off), same run.
+
+Four fake engines (this script, --fake mode) answer at once; each proxy runs pinned to one core
+(taskset), the fakes and the load generator on the other. Per proxy: CPU seconds per non-streamed
+request, CPU seconds per relayed SSE event (64-event streams), p50/p99 latency added over going to an
+engine directly, and time to first SSE event when the engines take 20 ms per token.
+
+    apt-get install nginx-light   # once
+    python benchmarks/bench_gateway.py [--requests 2000] [--concurrency 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import aiohttp
+import yaml
+from aiohttp import web
+
+MODEL = "fake"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+# ---- the fake engine (a subprocess of this script) -----------------------------------------------------
+
+def run_fake(port: int, token_delay: float) -> None:
+    import uvloop
+
+    async def completions(request):
+        body = await request.json()
+        if not body.get("stream"):
+            return web.json_response({"id": "x", "object": "text_completion", "model": MODEL,
+                                      "choices": [{"index": 0, "text": "ok", "finish_reason": "length"}]})
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        for i in range(body.get("max_tokens", 64)):
+            if token_delay:
+                await asyncio.sleep(token_delay)
+            await resp.write(b'data: {"choices": [{"index": 0, "text": "t%d"}]}\n\n' % i)
+        await resp.write(b"data: [DONE]\n\n")
+        return resp
+
+    async def models(request):
+        return web.json_response({"object": "list", "data": [{"id": MODEL, "object": "model"}]})
+
+    async def health(request):
+        return web.json_response({"status": "ok"})
+
+    app = web.Application()
+    app.router.add_post("/v1/completions", completions)
+    app.router.add_get("/v1/models", models)
+    app.router.add_get("/health", health)
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    web.run_app(app, host="127.0.0.1", port=port, print=None, access_log=None)
+
+
+# ---- processes ---------------------------------------------------------------------------------------
+
+def cpu_seconds(pids: list[int]) -> float:
+    total = 0
+    for pid in pids:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])  # utime + stime
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def children(pid: int) -> list[int]:
+    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
+    return [int(p) for p in out]
+
+
+async def wait_http(url: str, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    async with aiohttp.ClientSession() as session:
+        while time.monotonic() < deadline:
+            try:
+                async with session.get(url) as resp:
+                    if resp.status == 200:
+                        return
+            except aiohttp.ClientError:
+                pass
+            await asyncio.sleep(0.1)
+    raise TimeoutError(url)
+
+
+def start_fakes(n: int, token_delay: float, core: int) -> tuple[list[subprocess.Popen], list[str]]:
+    procs, urls = [], []
+    for _ in range(n):
+        port = free_port()
+        procs.append(subprocess.Popen(["taskset", "-c", str(core), sys.executable, __file__, "--fake", str(port),
+                                       "--token-delay", str(token_delay)]))
+        urls.append(f"http://127.0.0.1:{port}")
+    for url in urls:
+        asyncio.run(wait_http(url + "/health"))
+    return procs, urls
+
+
+def start_gateway(urls: list[str], core: int, workdir: Path) -> tuple[subprocess.Popen, str, list[int]]:
+    port = free_port()
+    config = {"port": port, "workers": [{"url": u} for u in urls], "policy": {"name": "least_conn"},
+              "health": {"interval": 5.0}}
+    path = workdir / "gateway.yaml"
+    path.write_text(yaml.safe_dump(config))
+    proc = subprocess.Popen(["taskset", "-c", str(core), sys.executable, "-m", "sglang_gw.cli", "gateway",
+                             "--config", str(path), "--log-format", "json"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    asyncio.run(wait_http(url + "/ready"))
+    return proc, url, [proc.pid]
+
+
+def start_nginx(urls: list[str], core: int, workdir: Path) -> tuple[subprocess.Popen, str, list[int]]:
+    port = free_port()
+    upstreams = "\n".join(f"    server {u.removeprefix('http://')};" for u in urls)
+    (workdir / "nginx.conf").write_text(f"""
+worker_processes 1;
+daemon off;
+pid {workdir}/nginx.pid;
+error_log {workdir}/nginx-error.log;
+events {{ worker_connections 4096; }}
+http {{
+  access_log off;
+  upstream engines {{
+    least_conn;
+{upstreams}
+    keepalive 128;
+  }}
+  server {{
+    listen 127.0.0.1:{port};
+    location / {{
+      proxy_pass http://engines;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_buffering off;
+      client_body_buffer_size 64k;
+    }}
+  }}
+}}
+""")
+    proc = subprocess.Popen(["taskset", "-c", str(core), "nginx", "-c", str(workdir / "nginx.conf"),
+                             "-p", str(workdir)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    asyncio.run(wait_http(url + "/health"))
+    return proc, url, [proc.pid, *children(proc.pid)]
+
+
+# ---- load ---------------------------------------------------------------------------------------------
+
+async def load(targets: str | list[str], requests: int, concurrency: int, stream: bool,
+               tokens: int = 64) -> list[tuple[float, float]]:
+    """(latency, time to first byte of body) per request; several targets are used in turn."""
+    targets = [targets] if isinstance(targets, str) else targets
+    body = json.dumps({"model": MODEL, "prompt": "hi", "max_tokens": tokens, "stream": stream}).encode()
+    results = []
+    limit = asyncio.Semaphore(concurrency)
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+
+        async def one(i: int):
+            url = targets[i % len(targets)]
+            async with limit:
+                start = time.perf_counter()
+                first = None
+                async with session.post(url + "/v1/completions", data=body,
+                                        headers={"Content-Type": "application/json"}) as resp:
+                    assert resp.status == 200, resp.status
+                    async for _ in resp.content.iter_any():
+                        if first is None:
+                            first = time.perf_counter() - start
+                results.append((time.perf_counter() - start, first))
+
+        await asyncio.gather(*(one(i) for i in range(requests)))
+    return results
+
+
+def pct(values: list[float]) -> tuple[float, float]:
+    q = statistics.quantiles(values, n=100, method="inclusive")
+    return q[49] * 1000, q[98] * 1000
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--fake", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--token-delay", type=float, default=0.0, help=argparse.SUPPRESS)
+    ap.add_argument("--requests", type=int, default=2000)
+    ap.add_argument("--stream-requests", type=int, default=400)
+    ap.add_argument("--concurrency", type=int, default=64)
+    args = ap.parse_args()
+    if args.fake:
+        return run_fake(args.fake, args.token_delay)
+    if shutil.which("nginx") is None:
+        sys.exit("nginx is not installed: apt-get install nginx-light")
+
+    proxy_core, other_core = 1, 0
+    os.sched_setaffinity(0, {other_core})  # the load generator (and the fakes it starts) stay off the proxy's core
+    workdir = Path(tempfile.mkdtemp())
+    rows = {}
+    fakes, urls = start_fakes(4, 0.0, other_core)
+    try:
+        direct = asyncio.run(load(urls, args.requests, args.concurrency, False))  # client-side round robin
+        for name, start in (("sglang-gw", start_gateway), ("nginx", start_nginx)):
+            proc, url, pids = start(urls, proxy_core, workdir)
+            try:
+                asyncio.run(load(url, 200, args.concurrency, False))  # warm-up: connections, caches
+                cpu0 = cpu_seconds(pids)
+                plain = asyncio.run(load(url, args.requests, args.concurrency, False))
+                cpu1 = cpu_seconds(pids)
+                asyncio.run(load(url, args.stream_requests, args.concurrency, True))
+                cpu2 = cpu_seconds(pids)
+                rows[name] = {"cpu_per_request_us": (cpu1 - cpu0) / args.requests * 1e6,
+                              "cpu_per_event_us": (cpu2 - cpu1) / (args.stream_requests * 65) * 1e6,
+                              "latency": pct([lat for lat, _ in plain])}
+            finally:
+                proc.send_signal(signal.SIGTERM)
+                proc.wait(timeout=30)
+    finally:
+        for p in fakes:
+            p.terminate()
+    fakes, urls = start_fakes(4, 0.02, other_core)
+    try:
+        direct_ttfe = asyncio.run(load(urls, 256, 64, True, tokens=16))
+        for name, start in (("sglang-gw", start_gateway), ("nginx", start_nginx)):
+            proc, url, _ = start(urls, proxy_core, workdir)
+            try:
+                rows[name]["ttfe"] = pct([first for _, first in asyncio.run(load(url, 256, 64, True, tokens=16))])
+            finally:
+                proc.send_signal(signal.SIGTERM)
+                proc.wait(timeout=30)
+    finally:
+        for p in fakes:
+            p.terminate()
+
+    d50, d99 = pct([lat for lat, _ in direct])
+    t50, t99 = pct([first for _, first in direct_ttfe])
+    print(f"\n{args.requests} non-streamed + {args.stream_requests} streamed (64 events) requests, "
+          f"{args.concurrency} concurrent clients, 4 zero-delay fake engines, proxy pinned to one core")
+    print(f"direct to the engines: latency p50 {d50:.2f} ms p99 {d99:.2f} ms; "
+          f"time to first event (20 ms/token) p50 {t50:.1f} ms p99 {t99:.1f} ms")
+    for name, r in rows.items():
+        l50, l99 = r["latency"]
+        f50, f99 = r["ttfe"]
+        print(f"{name:10s} CPU {r['cpu_per_request_us']:.0f} us/request, {r['cpu_per_event_us']:.1f} us/SSE event; "
+              f"latency p50 {l50:.2f} ms p99 {l99:.2f} ms (added vs direct: {l50 - d50:+.2f} / {l99 - d99:+.2f}); "
+              f"first event p50 {f50:.1f} ms p99 {f99:.1f} ms")
+    g, n = rows["sglang-gw"], rows["nginx"]
+    print(f"ratio sglang-gw / nginx: CPU per request {g['cpu_per_request_us'] / n['cpu_per_request_us']:.2f}x, "
+          f"CPU per SSE event {g['cpu_per_event_us'] / n['cpu_per_event_us']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
