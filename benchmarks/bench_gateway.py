@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -29,13 +29,10 @@ import aiohttp
 import yaml
 from aiohttp import web
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import free_port, wait_http  # noqa: E402
+
 MODEL = "fake"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 # ---- the fake engine (a subprocess of this script) -----------------------------------------------------
@@ -84,20 +81,6 @@ def cpu_seconds(pids: list[int]) -> float:
 def children(pid: int) -> list[int]:
     out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
     return [int(p) for p in out]
-
-
-async def wait_http(url: str, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    async with aiohttp.ClientSession() as session:
-        while time.monotonic() < deadline:
-            try:
-                async with session.get(url) as resp:
-                    if resp.status == 200:
-                        return
-            except aiohttp.ClientError:
-                pass
-            await asyncio.sleep(0.1)
-    raise TimeoutError(url)
 
 
 def start_fakes(n: int, token_delay: float, core: int) -> tuple[list[subprocess.Popen], list[str]]:
@@ -210,41 +193,45 @@ def main() -> None:
     proxy_core, other_core = 1, 0
     os.sched_setaffinity(0, {other_core})  # the load generator (and the fakes it starts) stay off the proxy's core
     workdir = Path(tempfile.mkdtemp())
+    proxies = (("sglang-gw", start_gateway), ("nginx", start_nginx))
+
+    @contextlib.contextmanager
+    def running(start, urls):
+        proc, url, pids = start(urls, proxy_core, workdir)
+        try:
+            yield url, pids
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=30)
+
+    @contextlib.contextmanager
+    def fakes(token_delay: float):
+        procs, urls = start_fakes(4, token_delay, other_core)
+        try:
+            yield urls
+        finally:
+            for p in procs:
+                p.terminate()
+
     rows = {}
-    fakes, urls = start_fakes(4, 0.0, other_core)
-    try:
+    with fakes(0.0) as urls:
         direct = asyncio.run(load(urls, args.requests, args.concurrency, False))  # client-side round robin
-        for name, start in (("sglang-gw", start_gateway), ("nginx", start_nginx)):
-            proc, url, pids = start(urls, proxy_core, workdir)
-            try:
+        for name, start in proxies:
+            with running(start, urls) as (url, pids):
                 asyncio.run(load(url, 200, args.concurrency, False))  # warm-up: connections, caches
                 cpu0 = cpu_seconds(pids)
                 plain = asyncio.run(load(url, args.requests, args.concurrency, False))
                 cpu1 = cpu_seconds(pids)
                 asyncio.run(load(url, args.stream_requests, args.concurrency, True))
                 cpu2 = cpu_seconds(pids)
-                rows[name] = {"cpu_per_request_us": (cpu1 - cpu0) / args.requests * 1e6,
-                              "cpu_per_event_us": (cpu2 - cpu1) / (args.stream_requests * 65) * 1e6,
-                              "latency": pct([lat for lat, _ in plain])}
-            finally:
-                proc.send_signal(signal.SIGTERM)
-                proc.wait(timeout=30)
-    finally:
-        for p in fakes:
-            p.terminate()
-    fakes, urls = start_fakes(4, 0.02, other_core)
-    try:
+            rows[name] = {"cpu_per_request_us": (cpu1 - cpu0) / args.requests * 1e6,
+                          "cpu_per_event_us": (cpu2 - cpu1) / (args.stream_requests * 65) * 1e6,
+                          "latency": pct([lat for lat, _ in plain])}
+    with fakes(0.02) as urls:
         direct_ttfe = asyncio.run(load(urls, 256, 64, True, tokens=16))
-        for name, start in (("sglang-gw", start_gateway), ("nginx", start_nginx)):
-            proc, url, _ = start(urls, proxy_core, workdir)
-            try:
+        for name, start in proxies:
+            with running(start, urls) as (url, _):
                 rows[name]["ttfe"] = pct([first for _, first in asyncio.run(load(url, 256, 64, True, tokens=16))])
-            finally:
-                proc.send_signal(signal.SIGTERM)
-                proc.wait(timeout=30)
-    finally:
-        for p in fakes:
-            p.terminate()
 
     d50, d99 = pct([lat for lat, _ in direct])
     t50, t99 = pct([first for _, first in direct_ttfe])

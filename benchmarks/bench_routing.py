@@ -18,36 +18,14 @@ import random
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import aiohttp
 import yaml
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-async def wait_ok(url: str, proc: subprocess.Popen, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    async with aiohttp.ClientSession() as session:
-        while time.monotonic() < deadline:
-            assert proc.poll() is None, f"{url}: process exited"
-            try:
-                async with session.get(url) as resp:
-                    if resp.status == 200:
-                        return
-            except aiohttp.ClientError:
-                pass
-            await asyncio.sleep(0.2)
-    raise TimeoutError(url)
+sys.path.insert(0, str(REPO / "benchmarks"))
+from common import free_port, wait_http  # noqa: E402
 
 
 async def scrape(session: aiohttp.ClientSession, url: str) -> tuple[float, float]:
@@ -78,7 +56,7 @@ async def run_policy(policy: str, engines: list[str], trace, system_prompts, con
                              "--log-format", "json"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     try:
-        await wait_ok(url + "/ready", proc)
+        await wait_http(url + "/ready", proc)
         async with aiohttp.ClientSession() as session:
             for e in engines:
                 async with session.post(e + "/flush_cache") as resp:
@@ -156,7 +134,7 @@ def main() -> None:
         urls.append(f"http://127.0.0.1:{port}")
     try:
         for url, proc in zip(urls, procs):
-            asyncio.run(wait_ok(url + "/health", proc))
+            asyncio.run(wait_http(url + "/health", proc))
         print(f"{args.engines} engines ({args.kv_tokens}-token KV pools), {args.tenants} tenants x {args.turns} "
               f"turns, concurrency {args.concurrency}")
         for policy in args.policies.split(","):

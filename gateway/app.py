@@ -84,6 +84,7 @@ class Gateway:
         r.add_get("/ready", self.ready)
         r.add_get("/workers", self.list_workers)
         r.add_get("/metrics", self.prometheus)
+        r.add_get("/admin/workers", self.admin_list_workers)
         r.add_post("/admin/workers", self.admin_add_worker)
         r.add_delete("/admin/workers/{name}", self.admin_remove_worker)
         r.add_post("/admin/workers/{name}/drain", self.admin_drain)
@@ -279,10 +280,14 @@ class Gateway:
             headers["x-should-retry"] = "false"  # we already failed over: the SDK must not multiply retries
         resp = web.StreamResponse(status=upstream.status, headers=headers)
         await resp.prepare(request)
+        # A JSON (non-streamed) answer is small: keep a copy to read the cached tokens the engine reports.
+        kept = [] if headers["Content-Type"].startswith("application/json") else None
         try:
             async for chunk in upstream.content.iter_any():
                 worker.last_progress = time.monotonic()
                 await resp.write(chunk)
+                if kept is not None:
+                    kept.append(chunk)
         except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, asyncio.TimeoutError) as exc:
             self._eject(worker, f"stream: {type(exc).__name__}")
             error = {"error": {"message": f"upstream {worker.name} failed mid-response", "type": "upstream_error",
@@ -291,6 +296,8 @@ class Gateway:
         finally:
             upstream.close()  # on a client disconnect this drops the engine connection: it aborts the request
         await resp.write_eof()
+        if kept is not None and upstream.status == 200:
+            self.metrics.reported_cached.inc(reported_cached_tokens(b"".join(kept)))
         return resp
 
     # ---- the gateway's own endpoints --------------------------------------------------------------
@@ -322,6 +329,9 @@ class Gateway:
 
     async def list_workers(self, request: web.Request) -> web.Response:
         self.auth.identify(request)
+        return self._workers_response()
+
+    def _workers_response(self) -> web.Response:
         return web.json_response({"workers": [
             {"name": w.name, "url": w.url, "state": w.state, "draining": w.draining, "inflight": w.inflight,
              "models": sorted(w.models),
@@ -337,6 +347,10 @@ class Gateway:
             raise APIError(403, "the admin API is disabled: set admin.key_hash in the config", code="admin_disabled")
         if not hmac.compare_digest(hash_key(presented_key(request)), expected):
             raise APIError(401, "invalid or missing admin key", code="invalid_api_key")
+
+    async def admin_list_workers(self, request: web.Request) -> web.Response:
+        self._require_admin(request)
+        return self._workers_response()
 
     async def admin_add_worker(self, request: web.Request) -> web.Response:
         self._require_admin(request)
@@ -369,6 +383,23 @@ class Gateway:
         worker.draining = request.path.endswith("/drain")
         log.info("gateway.worker_draining" if worker.draining else "gateway.worker_undrained", worker=worker.name)
         return web.json_response({"name": worker.name, "draining": worker.draining, "inflight": worker.inflight})
+
+
+def reported_cached_tokens(body: bytes) -> int:
+    """cached_tokens from an OpenAI usage or SGLang meta_info (0 when absent)."""
+    try:
+        data = json.loads(body)
+    except ValueError:
+        return 0
+    items = data if isinstance(data, list) else [data]
+    total = 0
+    for item in items:
+        if not isinstance(item, dict):
+            continue
+        usage = item.get("usage") or {}
+        details = usage.get("prompt_tokens_details") or {}
+        total += int(details.get("cached_tokens") or (item.get("meta_info") or {}).get("cached_tokens") or 0)
+    return total
 
 
 async def serve(config: GatewayConfig) -> int:

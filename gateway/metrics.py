@@ -23,6 +23,8 @@ class GatewayMetrics:
         self.predicted_prefix = Counter("sglang_gw_predicted_prefix_bytes",
                                         "prefix bytes the policy expected the chosen worker to have cached",
                                         registry=r)
+        self.reported_cached = Counter("sglang_gw_reported_cached_tokens",
+                                       "cached prompt tokens the engines reported (non-streamed answers)", registry=r)
         self.worker_state = Gauge("sglang_gw_worker_state", "1 for the worker's current state", ["worker", "state"],
                                   registry=r)
         self.prefix_index_bytes = Gauge("sglang_gw_prefix_index_bytes", "text bytes tracked per worker",

@@ -261,3 +261,30 @@ def test_gateway_metrics_count_requests_and_decisions(client, gateway):
     assert after[("sglang_gw_worker_state", (("state", "unhealthy"), ("worker", "dead")))] == 1
     assert after[("sglang_gw_worker_state", (("state", "ready"), ("worker", "e0")))] == 1
     assert after[("sglang_gw_prefix_index_bytes", (("worker", worker),))] > 0
+    # The same prompt again: the engine reports cached tokens, and the gateway counts them.
+    client.completions.create(model=MODEL, prompt="metrics please " * 5, max_tokens=2)
+    again = scrape()
+    key = ("sglang_gw_reported_cached_tokens_total", ())
+    assert again[key] - after[key] > 0
+
+
+def test_burst_on_one_prefix_spreads_once_the_holder_is_over_the_load_margin(gateway):
+    shared = "A long shared system prompt about routing and caches. " * 6
+
+    async def run():
+        client = openai.AsyncOpenAI(base_url=gateway + "/v1", api_key="none", max_retries=0)
+        await client.completions.create(model=MODEL, prompt=shared + "warm", max_tokens=1)  # one holder
+
+        async def one(i):
+            raw = await client.completions.with_raw_response.create(
+                model=MODEL, prompt=shared + f"request {i}", max_tokens=120, extra_body={"ignore_eos": True})
+            return raw.headers["x-sglang-gw-worker"], raw.headers["x-sglang-gw-route"]
+
+        return await asyncio.gather(*(one(i) for i in range(16)))
+
+    routes = asyncio.run(run())
+    workers = [w for w, _ in routes]
+    reasons = [r for _, r in routes]
+    assert "load_guard" in reasons  # locality yielded to load
+    assert len(set(workers)) == 3, routes  # and the burst reached every engine
+    assert max(workers.count(w) for w in set(workers)) <= 16 - 2  # not piled onto one

@@ -260,3 +260,17 @@ def test_requests_wait_in_a_bounded_queue_when_every_worker_is_at_its_cap():
         assert fleet.gateway.queued == 0
     finally:
         fleet.close()
+
+
+def test_engine_slower_than_the_request_timeout_is_retried_elsewhere():
+    fleet = Fleet(["slow", "ok"], request_timeout=0.2)
+    try:
+        routes = []
+        for _ in range(2):  # round robin: one of the two starts on the slow engine
+            status, headers, body = asyncio.run(_post(fleet.url, {"model": MODEL, "prompt": "x"}))
+            assert status == 200 and json.loads(body)["choices"][0]["text"] == "from ok"
+            routes.append(headers["x-sglang-gw-route"])
+        assert "retry" in routes
+        fleet.assert_load_settles()
+    finally:
+        fleet.close()
