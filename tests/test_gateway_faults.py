@@ -22,7 +22,8 @@ ADMIN_KEY = "sk-gw-admin-for-tests"
 def fake_engine(mode: str) -> web.Application:
     """ok: answers; error503/error500: fails every generation; midstream: drops the connection after two
     SSE events; stall: stops sending after two events, connection open; hang: never answers /health;
-    slow: answers after 0.5 s. A "-suffix" only names another worker of the same kind."""
+    slow: answers after 0.5 s; other: serves the model "other-model". A "-suffix" only names another
+    worker of the same kind."""
     mode = mode.split("-")[0]
 
     async def health(request):
@@ -31,7 +32,8 @@ def fake_engine(mode: str) -> web.Application:
         return web.json_response({"status": "ok"})
 
     async def models(request):
-        return web.json_response({"object": "list", "data": [{"id": MODEL, "object": "model"}]})
+        model = "other-model" if mode == "other" else MODEL
+        return web.json_response({"object": "list", "data": [{"id": model, "object": "model"}]})
 
     async def completions(request):
         body = await request.json()
@@ -274,3 +276,15 @@ def test_engine_slower_than_the_request_timeout_is_retried_elsewhere():
         fleet.assert_load_settles()
     finally:
         fleet.close()
+
+
+@pytest.mark.parametrize("fleet", [["ok", "other", "other-2"]], indirect=True)
+def test_requests_go_only_to_workers_serving_their_model(fleet):
+    for model, expected in ((MODEL, {"ok"}), ("other-model", {"other", "other-2"})):
+        seen = {asyncio.run(_post(fleet.url, {"model": model, "prompt": "x"}))[1]["x-sglang-gw-worker"]
+                for _ in range(6)}
+        assert seen == expected, (model, seen)
+    status, _, body = asyncio.run(_post(fleet.url, {"model": "missing", "prompt": "x"}))
+    assert status == 404 and json.loads(body)["error"]["param"] == "model"
+    status, _, body = asyncio.run(_post(fleet.url, {}, "/v1/models", "GET"))
+    assert sorted(m["id"] for m in json.loads(body)["data"]) == [MODEL, "other-model"]
