@@ -1,1 +1,1 @@
-"""The gateway: routes requests to engine workers (issue 4; so far the routing policies)."""
+"""The gateway: cache-aware, load-bounded routing of OpenAI / SGLang requests over engine workers."""
