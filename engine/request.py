@@ -90,7 +90,6 @@ class Req:
         self.kv_key = -1  # new on every (re-)admission, so backends can tell a refilled row apart
         self.cached_tokens = 0  # prompt tokens served from the cache at first admission
         self.admitted = False
-        self.num_retractions = 0
         self.computed_tokens = 0  # tokens this request ran through the model (cache hits excluded)
         self.input_logprobs_done = False
 

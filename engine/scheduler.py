@@ -242,7 +242,6 @@ class Scheduler:
         victim = min(self.running, key=lambda r: (len(r.output_ids), -len(r.origin_input_ids)))
         self.running.remove(victim)
         self._release(victim)  # its KV becomes evictable cache; re-admission may reuse what survives
-        victim.num_retractions += 1
         self.stats.retractions += 1
         self.waiting.insert(0, victim)
         self.new_token_ratio = min(1.0, self.new_token_ratio + RETRACT_RATIO_STEP)

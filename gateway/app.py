@@ -335,7 +335,7 @@ class Gateway:
         return web.json_response({"workers": [
             {"name": w.name, "url": w.url, "state": w.state, "draining": w.draining, "inflight": w.inflight,
              "models": sorted(w.models),
-             "prefix_bytes": getattr(self.policy, "index", None) and self.policy.index.bytes_of(w.name)}
+             "prefix_bytes": self.policy.tracked_bytes(w)}
             for w in self.workers]})
 
 

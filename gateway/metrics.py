@@ -31,11 +31,9 @@ class GatewayMetrics:
                                         ["worker"], registry=r)
 
     def render(self, workers, policy) -> bytes:
-        index = getattr(policy, "index", None)
         for w in workers:
             self.inflight.labels(w.name).set(w.inflight)
             for state in WORKER_STATES:
                 self.worker_state.labels(w.name, state).set(1 if w.state == state else 0)
-            if index is not None:
-                self.prefix_index_bytes.labels(w.name).set(index.bytes_of(w.name))
+            self.prefix_index_bytes.labels(w.name).set(policy.tracked_bytes(w))
         return generate_latest(self.registry)

@@ -42,7 +42,6 @@ class ModelConfig:
     qkv_bias: bool  # Qwen2
     qk_norm: bool  # Qwen3
     eos_token_ids: tuple[int, ...]
-    torch_dtype: str
 
     @staticmethod
     def from_dir(path: str | Path) -> "ModelConfig":
@@ -78,7 +77,6 @@ class ModelConfig:
             qkv_bias=family == "qwen2" or bool(raw.get("attention_bias", False)),
             qk_norm=family == "qwen3",
             eos_token_ids=eos_ids,
-            torch_dtype=str(raw.get("dtype") or raw.get("torch_dtype") or "float32"),
         )
 
 

@@ -41,6 +41,10 @@ class RoutingPolicy(ABC):
     def forget(self, worker: Worker) -> None:
         """The worker restarted or left: drop whatever the policy remembers about it."""
 
+    def tracked_bytes(self, worker: Worker) -> int:
+        """Prefix bytes the policy remembers for the worker (0 for policies without an index)."""
+        return 0
+
     def least_loaded(self, workers: list[Worker], tiebreak=lambda w: 0) -> Worker:
         # Random among equals, so that an idle fleet does not pile onto the first worker listed.
         return min(workers, key=lambda w: (w.inflight, tiebreak(w), self.rng.random()))

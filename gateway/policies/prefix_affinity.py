@@ -46,3 +46,6 @@ class PrefixAffinity(RoutingPolicy):
 
     def forget(self, worker: Worker) -> None:
         self.index.forget(worker.name)
+
+    def tracked_bytes(self, worker: Worker) -> int:
+        return self.index.bytes_of(worker.name)
