@@ -11,10 +11,13 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import os
 import random
 import signal
 import time
 import uuid
+
+from typing import Callable
 
 import aiohttp
 import structlog
@@ -25,6 +28,7 @@ from pydantic import ValidationError
 
 from .auth import Authenticator, hash_key, presented_key
 from .config import GatewayConfig, WorkerConfig
+from .discovery import DnsDiscovery
 from .metrics import GatewayMetrics
 from .routing_text import RoutingText
 from .policies import RouteRequest, Worker, create_policy
@@ -38,8 +42,9 @@ RETRY_STATUSES = {502, 503}
 class GatewayWorker(Worker):
     """A worker as the gateway tracks it: state from probes and failures, and the models it serves."""
 
-    def __init__(self, name: str, url: str):
+    def __init__(self, name: str, url: str, origin: str = "config"):
         super().__init__(name, url)
+        self.origin = origin  # "config" (listed), "engine" (supervised), "admin" (added at run time), "dns"
         self.state = "starting"  # starting → ready ⇄ unhealthy (from probes, failures, the supervisor)
         self.draining = False  # an operator's decision: no new requests; probes do not change it
         self.models: set[str] = set()
@@ -60,16 +65,21 @@ class GatewayWorker(Worker):
 
 
 class Gateway:
-    def __init__(self, config: GatewayConfig, seed: int | None = None):
+    def __init__(self, config: GatewayConfig, seed: int | None = None, supervised: frozenset[str] = frozenset()):
         self.config = config
-        self.workers = [GatewayWorker(w.name or w.url, w.url) for w in config.workers]
-        if len({w.name for w in self.workers}) != len(self.workers):
-            raise ValueError("workers: names must be unique")
+        # Workers named in `supervised` are the supervisor's engines: a reload or the admin API leaves them be.
+        self.workers = [GatewayWorker(w.name or w.url, w.url, "engine" if (w.name or w.url) in supervised else "config")
+                        for w in config.workers]
         self.policy = create_policy(config.policy.name, seed, **config.policy.options())
         self.auth = Authenticator(config.auth.keys)
         self.metrics = GatewayMetrics()
         self.routing_text = RoutingText()
         self.queued = 0
+        self.admitting = True  # False once shutdown begins: new requests get 503
+        # Called with (worker name, why) when probes or the stream watchdog find a ready worker hung;
+        # the supervisor kills and restarts its own engines from here.
+        self.on_hung: Callable[[str, str], None] | None = None
+        self.discovery: DnsDiscovery | None = None
         self._capacity = asyncio.Condition()  # notified whenever a worker finishes a request
         self.session: aiohttp.ClientSession | None = None
         self.app = web.Application(client_max_size=config.max_request_bytes,
@@ -97,10 +107,20 @@ class Gateway:
         self.session = aiohttp.ClientSession(connector=connector, auto_decompress=False)
         await asyncio.gather(*(self._probe(w) for w in self.workers))
         self._prober = asyncio.create_task(self._probe_forever())
+        self._set_discovery(self.config)
 
     async def _stop(self, app) -> None:
         self._prober.cancel()
+        self._set_discovery(None)
         await self.session.close()
+
+    @property
+    def inflight(self) -> int:
+        return sum(w.inflight for w in self.workers)
+
+    def stop_admitting(self) -> None:
+        """Shutdown: requests from now on get 503 (and /ready fails) while those in flight finish."""
+        self.admitting = False
 
     async def _probe_forever(self) -> None:
         while True:
@@ -114,7 +134,13 @@ class Gateway:
         for w in self.workers:
             if w.inflight and now - w.last_progress > self.config.health.stall_timeout:
                 w.successes = 0
-                w.set_state("unhealthy", f"no bytes for {now - w.last_progress:.1f}s with {w.inflight} in flight")
+                self._hung(w, f"no bytes for {now - w.last_progress:.1f}s with {w.inflight} in flight")
+
+    def _hung(self, worker: GatewayWorker, why: str) -> None:
+        was_ready = worker.state == "ready"
+        worker.set_state("unhealthy", why)
+        if was_ready and self.on_hung is not None:
+            self.on_hung(worker.name, why)
 
     # ---- supervisor hooks ---------------------------------------------------------------------------
 
@@ -131,13 +157,82 @@ class Gateway:
         worker.set_state("starting", "process restarted")
         self.policy.forget(worker)
 
+    async def worker_ready(self, name: str) -> bool:
+        """The supervisor saw the engine answer /health: learn its models and route to it now."""
+        worker = self._worker(name)
+        worker.models.clear()
+        await self._probe(worker, admit=True)
+        return worker.state == "ready"
+
+    def set_draining(self, name: str, draining: bool) -> GatewayWorker:
+        worker = self._worker(name)
+        worker.draining = draining
+        log.info("gateway.worker_draining" if draining else "gateway.worker_undrained", worker=name)
+        return worker
+
+    def add_worker(self, name: str, url: str, origin: str) -> GatewayWorker:
+        if any(w.name == name for w in self.workers):
+            raise APIError(409, f"a worker named {name!r} exists", param="name", code="worker_exists")
+        worker = GatewayWorker(name, url, origin)
+        self.workers.append(worker)
+        log.info("gateway.worker_added", worker=name, url=url, origin=origin)
+        return worker
+
+    def remove_worker(self, name: str) -> GatewayWorker:
+        worker = self._worker(name)
+        self.workers.remove(worker)  # in-flight requests hold their own reference and finish
+        self.policy.forget(worker)
+        log.info("gateway.worker_removed", worker=worker.name, inflight=worker.inflight)
+        return worker
+
+    # ---- reload (SIGHUP) ------------------------------------------------------------------------------
+
+    def reload(self, config: GatewayConfig) -> list[str]:
+        """Apply a new config without dropping a request; returns the fields that need a restart."""
+        old, self.config = self.config, config
+        self.auth.update(config.auth.keys)
+        if config.policy != old.policy:
+            options = config.policy.options()
+            if config.policy.name != old.policy.name or not self.policy.retune(**options):
+                self.policy = create_policy(config.policy.name, None, **options)
+                log.info("gateway.policy_replaced", policy=config.policy.name)
+        listed = {w.name or w.url: w.url for w in config.workers}
+        for w in [w for w in self.workers if w.origin == "config"]:
+            if listed.get(w.name) != w.url:
+                self.remove_worker(w.name)
+        known = {w.name for w in self.workers}
+        for name, url in listed.items():
+            if name not in known:
+                asyncio.get_running_loop().create_task(self._probe(self.add_worker(name, url, "config")))
+        if config.discovery != old.discovery:
+            self._set_discovery(config)
+        return [f for f in ("host", "port", "max_request_bytes") if getattr(config, f) != getattr(old, f)]
+
+    def _set_discovery(self, config: GatewayConfig | None) -> None:
+        if self.discovery is not None:
+            self.discovery.stop()
+        self.discovery = None
+        if config is not None and config.discovery is not None:
+            self.discovery = DnsDiscovery(config.discovery, self._discovered)
+            self.discovery.start()
+
+    def _discovered(self, urls: set[str]) -> None:
+        """The DNS records changed: add new addresses as workers, remove the ones that left."""
+        for w in [w for w in self.workers if w.origin == "dns" and w.url not in urls]:
+            self.remove_worker(w.name)
+        known = {w.url for w in self.workers}
+        for url in sorted(urls - known):
+            worker = self.add_worker(url.split("://", 1)[1], url, "dns")
+            asyncio.get_running_loop().create_task(self._probe(worker))
+
     def _worker(self, name: str) -> GatewayWorker:
         for w in self.workers:
             if w.name == name:
                 return w
         raise APIError(404, f"no worker named {name!r}", param="name", code="worker_not_found")
 
-    async def _probe(self, worker: GatewayWorker) -> None:
+    async def _probe(self, worker: GatewayWorker, admit: bool = False) -> None:
+        """One /health probe (and /v1/models until known); `admit` readmits on one success."""
         h = self.config.health
         timeout = aiohttp.ClientTimeout(total=h.timeout)
         try:
@@ -151,12 +246,14 @@ class Gateway:
             ok = False
         if ok:
             worker.failures, worker.successes = 0, worker.successes + 1
-            if worker.state != "ready" and worker.successes >= h.success_threshold:
-                worker.set_state("ready", "probe")
+            if worker.state != "ready" and (admit or worker.successes >= h.success_threshold):
+                worker.set_state("ready", "supervisor" if admit else "probe")
         else:
             worker.successes, worker.failures = 0, worker.failures + 1
-            if worker.state == "starting" or worker.failures >= h.failure_threshold:
+            if worker.state == "starting":
                 worker.set_state("unhealthy", "probe")
+            elif worker.failures >= h.failure_threshold:
+                self._hung(worker, f"{worker.failures} failed probes")
 
     def _eject(self, worker: GatewayWorker, why: str) -> None:
         """Passive ejection: a connection error takes the worker out until a probe succeeds."""
@@ -177,6 +274,8 @@ class Gateway:
 
     async def proxy(self, request: web.Request) -> web.StreamResponse:
         request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
+        if not self.admitting:
+            raise APIError(503, "the server is shutting down", code="shutting_down", headers={"Retry-After": "5"})
         key = self.auth.identify(request)
         body = await read_json(request)
         raw = await request.read()  # cached by aiohttp: forwarded as the client sent it
@@ -318,7 +417,7 @@ class Gateway:
     async def ready(self, request: web.Request) -> web.Response:
         if not self.config.auth.open_health:
             self.auth.identify(request)
-        ready = sum(w.routable for w in self.workers)
+        ready = sum(w.routable for w in self.workers) if self.admitting else 0
         return web.json_response({"ready_workers": ready}, status=200 if ready else 503)
 
     async def prometheus(self, request: web.Request) -> web.Response:
@@ -333,55 +432,51 @@ class Gateway:
 
     def _workers_response(self) -> web.Response:
         return web.json_response({"workers": [
-            {"name": w.name, "url": w.url, "state": w.state, "draining": w.draining, "inflight": w.inflight,
-             "models": sorted(w.models),
+            {"name": w.name, "url": w.url, "origin": w.origin, "state": w.state, "draining": w.draining,
+             "inflight": w.inflight, "models": sorted(w.models),
              "prefix_bytes": self.policy.tracked_bytes(w)}
             for w in self.workers]})
 
 
     # ---- admin API (behind the admin key) -----------------------------------------------------------
 
-    def _require_admin(self, request: web.Request) -> None:
-        expected = self.config.admin.key_hash
+    def require_admin(self, request: web.Request) -> None:
+        # The config's hash, else $SGLANG_GW_ADMIN_KEY (e.g. from systemd's EnvironmentFile or a Secret).
+        env_key = os.environ.get("SGLANG_GW_ADMIN_KEY")
+        expected = self.config.admin.key_hash or (hash_key(env_key) if env_key else None)
         if expected is None:
-            raise APIError(403, "the admin API is disabled: set admin.key_hash in the config", code="admin_disabled")
+            raise APIError(403, "the admin API is disabled: set admin.key_hash in the config or $SGLANG_GW_ADMIN_KEY",
+                           code="admin_disabled")
         if not hmac.compare_digest(hash_key(presented_key(request)), expected):
             raise APIError(401, "invalid or missing admin key", code="invalid_api_key")
 
     async def admin_list_workers(self, request: web.Request) -> web.Response:
-        self._require_admin(request)
+        self.require_admin(request)
         return self._workers_response()
 
     async def admin_add_worker(self, request: web.Request) -> web.Response:
-        self._require_admin(request)
+        self.require_admin(request)
         body = await read_json(request)
         try:
             spec = WorkerConfig.model_validate(body)
         except ValidationError as exc:
             err = exc.errors()[0]
             raise bad_request(f"{'.'.join(map(str, err['loc']))}: {err['msg']}", str(err["loc"][0])) from None
-        name = spec.name or spec.url
-        if any(w.name == name for w in self.workers):
-            raise APIError(409, f"a worker named {name!r} exists", param="name", code="worker_exists")
-        worker = GatewayWorker(name, spec.url)
-        self.workers.append(worker)
+        worker = self.add_worker(spec.name or spec.url, spec.url, "admin")
         await self._probe(worker)
-        log.info("gateway.worker_added", worker=name, url=spec.url, state=worker.state)
-        return web.json_response({"name": name, "state": worker.state}, status=201)
+        return web.json_response({"name": worker.name, "state": worker.state}, status=201)
 
     async def admin_remove_worker(self, request: web.Request) -> web.Response:
-        self._require_admin(request)
-        worker = self._worker(request.match_info["name"])
-        self.workers.remove(worker)  # in-flight requests hold their own reference and finish
-        self.policy.forget(worker)
-        log.info("gateway.worker_removed", worker=worker.name, inflight=worker.inflight)
+        self.require_admin(request)
+        if self._worker(request.match_info["name"]).origin == "engine":
+            raise APIError(409, "a local engine is managed by the supervisor: drain it, or restart it with "
+                                "POST /admin/engines/NAME/restart", param="name", code="worker_supervised")
+        worker = self.remove_worker(request.match_info["name"])
         return web.json_response({"removed": worker.name, "inflight": worker.inflight})
 
     async def admin_drain(self, request: web.Request) -> web.Response:
-        self._require_admin(request)
-        worker = self._worker(request.match_info["name"])
-        worker.draining = request.path.endswith("/drain")
-        log.info("gateway.worker_draining" if worker.draining else "gateway.worker_undrained", worker=worker.name)
+        self.require_admin(request)
+        worker = self.set_draining(request.match_info["name"], request.path.endswith("/drain"))
         return web.json_response({"name": worker.name, "draining": worker.draining, "inflight": worker.inflight})
 
 

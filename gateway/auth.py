@@ -51,8 +51,21 @@ def presented_key(request: web.Request) -> str:
 
 class Authenticator:
     def __init__(self, keys: list):
-        self.keys = [KeyState(k.name, k.hash, k.rpm, k.max_concurrent,
-                              frozenset(k.models) if k.models is not None else None) for k in keys]
+        self.keys: list[KeyState] = []
+        self.update(keys)
+
+    def update(self, keys: list) -> None:
+        """Replace the key list (a reload). A key kept under the same name and hash keeps its rate window
+        and in-flight count; requests admitted under a removed key finish undisturbed."""
+        old = {(k.name, k.digest): k for k in self.keys}
+        fresh = []
+        for k in keys:
+            models = frozenset(k.models) if k.models is not None else None
+            state = old.get((k.name, k.hash)) or KeyState(k.name, k.hash, k.rpm, k.max_concurrent, models)
+            # The same object: requests in flight release their slot on the state the key now has.
+            state.rpm, state.max_concurrent, state.models = k.rpm, k.max_concurrent, models
+            fresh.append(state)
+        self.keys = fresh
 
     @property
     def enabled(self) -> bool:

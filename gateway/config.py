@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .policies import POLICIES
 
@@ -88,10 +88,22 @@ class AdminConfig(_Strict):
         return None if value is None else ApiKeyConfig._sha256(value)
 
 
-class GatewayConfig(_Strict):
+class DiscoveryConfig(_Strict):
+    """Workers found in DNS: every address of `dns` (e.g. a Kubernetes headless Service) is a worker."""
+
+    dns: str  # a host name whose A/AAAA records are the engines
+    port: int = Field(30000, ge=1, le=65535)
+    interval: float = Field(10.0, gt=0)  # seconds between lookups
+    scheme: str = Field("http", pattern="^https?$")
+    family: str = Field("any", pattern="^(any|ipv4|ipv6)$")
+
+
+class GatewaySettings(_Strict):
+    """Everything about the gateway but its worker list (in `serve`, the supervisor supplies that)."""
+
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
-    workers: list[WorkerConfig] = Field(min_length=1)
+    discovery: DiscoveryConfig | None = None
     policy: PolicyConfig = PolicyConfig()
     auth: AuthConfig = AuthConfig()
     admin: AdminConfig = AdminConfig()
@@ -107,32 +119,63 @@ class GatewayConfig(_Strict):
     queue_timeout: float = Field(30.0, gt=0)
 
 
+class GatewayConfig(GatewaySettings):
+    workers: list[WorkerConfig] = []
+
+    @model_validator(mode="after")
+    def _some_workers(self):
+        if not self.workers and self.discovery is None:
+            raise ValueError("workers: list at least one worker (or configure discovery)")
+        if len({w.name or w.url for w in self.workers}) != len(self.workers):
+            raise ValueError("workers: names must be unique")
+        return self
+
+
 class ConfigError(ValueError):
     pass
 
 
-def load_config(path: str | Path) -> GatewayConfig:
+def read_yaml(path: str | Path) -> dict:
     try:
         raw = yaml.safe_load(Path(path).read_text())
     except (OSError, yaml.YAMLError) as exc:
         raise ConfigError(f"{path}: {exc}") from None
-    config = parse_config(raw or {}, str(path))
-    keys_file = config.auth.keys_file
-    if keys_file is None:
-        return config
-    keys_path = Path(path).parent / keys_file
+    if raw is not None and not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping")
+    return raw or {}
+
+
+def merge_keys_file(path: str | Path, auth: dict | None, field: str = "auth") -> dict | None:
+    """`auth` with the keys of its `keys_file` (a YAML list, relative to the config file) appended."""
+    if not isinstance(auth, dict) or auth.get("keys_file") is None:
+        return auth
+    keys_path = Path(path).parent / str(auth["keys_file"])
     try:
         extra = yaml.safe_load(keys_path.read_text()) or []
     except (OSError, yaml.YAMLError) as exc:
-        raise ConfigError(f"{path}: auth.keys_file: {exc}") from None
-    raw = dict(raw, auth=dict(raw.get("auth", {}), keys=list(raw["auth"].get("keys", [])) + list(extra)))
-    return parse_config(raw, f"{path} + {keys_path}")
+        raise ConfigError(f"{path}: {field}.keys_file: {exc}") from None
+    if not isinstance(extra, list):
+        raise ConfigError(f"{path}: {field}.keys_file: {keys_path} must hold a YAML list of keys")
+    return dict(auth, keys=list(auth.get("keys") or []) + extra)
+
+
+def load_config(path: str | Path) -> GatewayConfig:
+    raw = read_yaml(path)
+    raw["auth"] = merge_keys_file(path, raw.get("auth"))
+    return validate(GatewayConfig, {k: v for k, v in raw.items() if v is not None}, str(path))
 
 
 def parse_config(raw: dict, source: str = "config") -> GatewayConfig:
+    return validate(GatewayConfig, raw, source)
+
+
+def validate(model: type[BaseModel], raw: dict, source: str):
+    """`model` from `raw`, or ConfigError("source: field.path: reason") naming the first bad field."""
     try:
-        return GatewayConfig.model_validate(raw)
+        return model.model_validate(raw)
     except ValidationError as exc:
         err = exc.errors()[0]
+        why = err["msg"].removeprefix("Value error, ")
         field = ".".join(str(p) for p in err["loc"])
-        raise ConfigError(f"{source}: {field}: {err['msg'].removeprefix('Value error, ')}") from None
+        # Cross-field checks (model validators) have no location: their message starts with the field.
+        raise ConfigError(f"{source}: {field}: {why}" if field else f"{source}: {why}") from None

@@ -1,4 +1,4 @@
-"""The `sglang-gw` command. Only subcommands that work are offered; `serve` arrives later."""
+"""The `sglang-gw` command: serve (supervisor + gateway + engines), engine, gateway, and tools."""
 
 from __future__ import annotations
 
@@ -10,14 +10,14 @@ import sys
 import structlog
 
 
-def _configure_logging(verbose: bool, fmt: str = "auto") -> None:
+def configure_logging(level: str = "info", fmt: str = "auto") -> None:
     if fmt == "auto":
         fmt = "console" if sys.stderr.isatty() else "json"
     renderer = structlog.processors.JSONRenderer() if fmt == "json" else structlog.dev.ConsoleRenderer()
     structlog.configure(
         processors=[structlog.processors.add_log_level, structlog.processors.TimeStamper(fmt="iso"),
                     structlog.processors.format_exc_info, renderer],
-        wrapper_class=structlog.make_filtering_bound_logger(logging.DEBUG if verbose else logging.INFO),
+        wrapper_class=structlog.make_filtering_bound_logger(getattr(logging, level.upper())),
         logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
     )
 
@@ -116,6 +116,63 @@ def _cmd_gateway(args) -> int:
     return uvloop.run(serve(config))
 
 
+def _cmd_serve(args) -> int:
+    from sglang_gw.config import ConfigError, load_serve_config
+    from sglang_gw.supervisor.serve import serve
+
+    path = args.config or _default_config()
+    try:
+        logging_config = load_serve_config(path, args.set).logging
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    configure_logging("debug" if args.verbose else logging_config.level, logging_config.format)
+    return serve(path, args.set)
+
+
+def _default_config() -> str:
+    from importlib.resources import files
+
+    return str(files("sglang_gw.config") / "default.yaml")
+
+
+def _cmd_check_config(args) -> int:
+    import yaml
+
+    from sglang_gw.config import ConfigError, load_serve_config
+
+    try:
+        config = load_serve_config(args.config, args.set)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"# {args.config}: valid. The effective config, defaults included:")
+    print(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False).rstrip())
+    return 0
+
+
+def _cmd_restart(args) -> int:
+    """Rolling restart (or one engine) through the running server's admin API."""
+    import json
+    import os
+    import urllib.error
+    import urllib.request
+
+    key = args.admin_key or os.environ.get("SGLANG_GW_ADMIN_KEY", "")
+    path = f"/admin/engines/{args.engine}/restart" if args.engine else "/admin/engines/restart?wait=true"
+    request = urllib.request.Request(args.url.rstrip("/") + path, method="POST", data=b"",
+                                     headers={"Authorization": f"Bearer {key}"})
+    try:
+        with urllib.request.urlopen(request, timeout=args.timeout) as resp:
+            print(json.dumps(json.loads(resp.read()), indent=2))
+            return 0
+    except urllib.error.HTTPError as exc:
+        print(f"error: HTTP {exc.code}: {exc.read().decode(errors='replace')}", file=sys.stderr)
+    except (urllib.error.URLError, TimeoutError) as exc:
+        print(f"error: {args.url}: {exc}", file=sys.stderr)
+    return 1
+
+
 def _cmd_key_create(args) -> int:
     import yaml
 
@@ -131,7 +188,7 @@ def _cmd_key_create(args) -> int:
     return 0
 
 
-def _add_engine_args(p: argparse.ArgumentParser) -> None:
+def add_engine_args(p: argparse.ArgumentParser) -> None:
     from sglang_gw.engine.config import DEFAULT_MODEL, EngineConfig
 
     d = EngineConfig.__dataclass_fields__
@@ -176,7 +233,26 @@ def build_parser() -> argparse.ArgumentParser:
     imp.set_defaults(func=_cmd_model_import)
     model.add_parser("list", help="list embedded model ids").set_defaults(func=_cmd_model_list)
 
-    _add_engine_args(sub.add_parser("engine", help="serve one engine over HTTP (SGLang native + OpenAI API)"))
+    add_engine_args(sub.add_parser("engine", help="serve one engine over HTTP (SGLang native + OpenAI API)"))
+
+    serve = sub.add_parser("serve", help="supervisor + gateway + engines from one config file")
+    serve.add_argument("config", nargs="?", default=None,
+                       help="the YAML config (default: the packaged config/default.yaml)")
+    serve.add_argument("--set", action="append", default=[], metavar="FIELD.PATH=VALUE",
+                       help="override a config field, e.g. --set gateway.port=9000 (repeatable)")
+    serve.set_defaults(func=_cmd_serve)
+
+    check = sub.add_parser("check-config", help="validate a serve config and print it with defaults filled in")
+    check.add_argument("config")
+    check.add_argument("--set", action="append", default=[], metavar="FIELD.PATH=VALUE")
+    check.set_defaults(func=_cmd_check_config)
+
+    restart = sub.add_parser("restart", help="rolling restart of a running server's engines (admin API)")
+    restart.add_argument("--url", default="http://127.0.0.1:8000", help="the gateway's address")
+    restart.add_argument("--engine", default=None, help="restart only this engine (e.g. engine-0)")
+    restart.add_argument("--admin-key", default=None, help="default: $SGLANG_GW_ADMIN_KEY")
+    restart.add_argument("--timeout", type=float, default=3600)
+    restart.set_defaults(func=_cmd_restart)
 
     gw = sub.add_parser("gateway", help="the load balancer in front of engine workers (config: YAML)")
     gw.add_argument("--config", required=True, help="gateway YAML: workers, policy, health, retries")
@@ -206,8 +282,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from sglang_gw.supervisor.lifeline import die_with_supervisor
+
+    die_with_supervisor()  # first: an engine must not outlive a supervisor killed while it starts
     args = build_parser().parse_args(argv)
-    _configure_logging(args.verbose, getattr(args, "log_format", "auto"))
+    if args.func is not _cmd_serve:  # serve configures logging from its config file
+        configure_logging("debug" if args.verbose else "info", getattr(args, "log_format", "auto"))
     return args.func(args)
 
 

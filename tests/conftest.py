@@ -181,3 +181,115 @@ def tiny_server(tiny_models):
     """One engine process on the tiny Llama model, shared by the HTTP tests (served name "tiny")."""
     with EngineProcess(str(tiny_models["llama"]), "--served-model-name", "tiny", "--max-total-tokens", "20000") as server:
         yield server
+
+
+def free_port_range(count: int) -> int:
+    """The first of `count` consecutive free ports on 127.0.0.1."""
+    import random
+    import socket
+
+    for _ in range(200):
+        base = random.randint(20000, 60000)
+        try:
+            socks = []
+            for port in range(base, base + count):
+                sock = socket.socket()
+                socks.append(sock)
+                sock.bind(("127.0.0.1", port))
+            return base
+        except OSError:
+            continue
+        finally:
+            for sock in socks:
+                sock.close()
+    raise RuntimeError("no free port range")
+
+
+class ServeProcess:
+    """A real `sglang-gw serve` process tree on free ports; `url` is the gateway's address."""
+
+    def __init__(self, config: str | dict, tmp_path: Path, *sets: str, env: dict | None = None,
+                 key: str | None = None):
+        import subprocess
+        import sys
+
+        import yaml
+
+        if isinstance(config, dict):
+            path = tmp_path / "serve.yaml"
+            path.write_text(yaml.safe_dump(config))
+            config = str(path)
+        self.config_path = Path(config)
+        self.key = key  # sent on get() when the config has API keys
+        self.port = free_port_range(1)
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = tmp_path / f"serve-{self.port}.log"
+        self.out_path = tmp_path / f"serve-{self.port}.out"
+        self._log, self._out = open(self.log_path, "w"), open(self.out_path, "w")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "sglang_gw", "serve", config, "--set", f"gateway.port={self.port}",
+             "--set", "logging.format=json", *sets],
+            stdout=self._out, stderr=self._log, env=dict(os.environ, **(env or {})))
+
+    def get(self, path: str, key: str | None = None) -> tuple[int, dict]:
+        import json
+        import urllib.error
+        import urllib.request
+
+        key = key or self.key
+        req = urllib.request.Request(self.url + path, headers={"Authorization": f"Bearer {key}"} if key else {})
+        try:
+            with urllib.request.urlopen(req, timeout=5) as resp:
+                return resp.status, json.loads(resp.read())
+        except urllib.error.HTTPError as err:
+            return err.code, json.loads(err.read())
+
+    def engines(self) -> dict[str, dict]:
+        return {e["name"]: e for e in self.get("/engines")[1]["engines"]}
+
+    def wait_for(self, predicate, timeout: float = 120.0, what: str = "condition"):
+        import time
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"serve exited with {self.proc.returncode}:\n{self.logs()[-4000:]}")
+            try:
+                value = predicate()
+            except OSError:
+                value = None
+            if value:
+                return value
+            time.sleep(0.05)
+        raise TimeoutError(f"{what} not reached after {timeout}s:\n{self.logs()[-4000:]}")
+
+    def wait_all_ready(self, timeout: float = 120.0) -> dict[str, dict]:
+        return self.wait_for(lambda: (lambda e: e if all(x["phase"] == "ready" for x in e.values()) else None)(
+            self.engines()), timeout, "every engine ready")
+
+    def logs(self) -> str:
+        self._log.flush()
+        return self.log_path.read_text()
+
+    def stop(self, timeout: float = 90) -> int:
+        import signal
+
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=timeout)
+            except Exception:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+        self._out.close()
+        return self.proc.returncode
+
+
+def process_gone(pid: int) -> bool:
+    """True once pid has exited (a zombie not yet reaped by init counts as gone)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return True
+    return state in ("Z", "X")

@@ -41,6 +41,10 @@ class RoutingPolicy(ABC):
     def forget(self, worker: Worker) -> None:
         """The worker restarted or left: drop whatever the policy remembers about it."""
 
+    def retune(self, **options) -> bool:
+        """Apply new options in place (a config reload); False when only a fresh policy can take them."""
+        return not options
+
     def tracked_bytes(self, worker: Worker) -> int:
         """Prefix bytes the policy remembers for the worker (0 for policies without an index)."""
         return 0

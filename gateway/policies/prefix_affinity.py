@@ -44,6 +44,14 @@ class PrefixAffinity(RoutingPolicy):
         self.index.insert(chain, decision.worker.name)
         return decision
 
+    def retune(self, *, block_size: int, max_bytes_per_worker: int, min_match_ratio: float,
+               load_margin: int) -> bool:
+        # The thresholds change in place; a new block size or budget needs a new index.
+        if (block_size, max_bytes_per_worker) != (self.index.block_size, self.index.max_bytes):
+            return False
+        self.min_match_ratio, self.load_margin = min_match_ratio, load_margin
+        return True
+
     def forget(self, worker: Worker) -> None:
         self.index.forget(worker.name)
 

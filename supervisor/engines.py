@@ -1,0 +1,101 @@
+"""What the supervisor runs: one `EngineSpec` per local engine, and the process that fills it.
+
+A spec is the full command line and environment of `sglang-gw engine` for one slot: the GPU pinned
+with CUDA_VISIBLE_DEVICES, or on CPU a share of the cores (torch and OpenMP threads) so that N engines
+do not oversubscribe the machine. Engines run in their own session (a Ctrl-C on the terminal reaches
+only the supervisor, which stops them in order) and die with the supervisor even after kill -9
+(`lifeline`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+from dataclasses import dataclass
+
+import structlog
+
+from ..config import ServeConfig, local_engine_names
+from ..config.schema import visible_gpus
+from .lifeline import PARENT_ENV
+
+log = structlog.get_logger(__name__)
+
+LOG_LEVELS = {"debug", "info", "warning", "error", "critical"}
+
+
+@dataclass(frozen=True)
+class EngineSpec:
+    name: str  # engine-<index>, numbered across the config's engine groups
+    url: str  # where the gateway reaches it
+    argv: tuple[str, ...]
+    env: tuple[tuple[str, str], ...]  # set on top of the supervisor's environment
+    gpu: str | None
+
+
+def plan_engines(config: ServeConfig, cores: int | None = None) -> list[EngineSpec]:
+    names = local_engine_names(config)
+    cores = cores or len(os.sched_getaffinity(0))
+    share = max(1, cores // max(1, len(names)))
+    specs = []
+    for name, g, i in names:
+        group = config.engines[g]
+        gpus = visible_gpus() if group.gpus == "all" else group.gpus
+        gpu = str(gpus[i]) if gpus is not None else (str(i) if group.device == "cuda" else None)
+        threads = group.num_threads or share
+        port = group.base_port + i
+        args = ["--model", group.model, "--host", group.host, "--port", str(port), "--device", group.device,
+                "--num-threads", str(threads), "--log-format", "json", "--dtype", group.dtype,
+                "--kv-cache-gib", str(group.kv_cache_gib), "--mem-fraction-static", str(group.mem_fraction_static),
+                "--max-running-requests", str(group.max_running_requests),
+                "--chunked-prefill-size", str(group.chunked_prefill_size), "--schedule-policy", group.schedule_policy,
+                "--attention-backend", group.attention_backend]
+        for flag, value in (("--served-model-name", group.served_model_name), ("--context-length", group.context_length),
+                            ("--max-total-tokens", group.max_total_tokens)):
+            if value is not None:
+                args += [flag, str(value)]
+        if group.disable_radix_cache:
+            args.append("--disable-radix-cache")
+        env = {"OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1", "SGLANG_GW_ENGINE_NAME": name}
+        if gpu is not None:
+            env["CUDA_VISIBLE_DEVICES"] = gpu
+        host = "127.0.0.1" if group.host in ("0.0.0.0", "::", "") else group.host
+        specs.append(EngineSpec(name, f"http://{host}:{port}",
+                                (sys.executable, "-m", "sglang_gw", "engine", *args, *group.extra_args),
+                                tuple(sorted(env.items())), gpu))
+    return specs
+
+
+async def spawn(spec: EngineSpec) -> asyncio.subprocess.Process:
+    env = dict(os.environ, **dict(spec.env), **{PARENT_ENV: str(os.getpid())})
+    env.pop("NOTIFY_SOCKET", None)  # only the supervisor talks to systemd
+    return await asyncio.create_subprocess_exec(
+        *spec.argv, env=env, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT, start_new_session=True, limit=1 << 20)
+
+
+async def relay_logs(name: str, process: asyncio.subprocess.Process) -> None:
+    """Re-log the engine's output tagged with its name: its JSON lines keep their fields and level."""
+    elog = log.bind(engine=name, pid=process.pid)
+    while True:
+        try:
+            line = await process.stdout.readline()
+        except ValueError:  # a line over the 1 MiB limit: skip the rest of it
+            line = await process.stdout.read(1 << 20)
+        if not line:
+            return
+        text = line.decode(errors="replace").rstrip()
+        try:
+            record = json.loads(text)
+        except ValueError:
+            record = None
+        if isinstance(record, dict):
+            record.pop("timestamp", None)
+            level = record.pop("level", "info")
+            event = str(record.pop("event", "engine.log"))
+            record.pop("engine", None)
+            getattr(elog, level if level in LOG_LEVELS else "info")(event, **record)
+        elif text:
+            elog.info("engine.output", line=text)
