@@ -78,14 +78,7 @@ async def measure_startup(session, port: int, base_port: int, log: Path) -> tupl
 
     await wait_until(answered, 600, 0.05)
     first = time.monotonic() - t0
-
-    async def all_ready():
-        try:
-            return all(e["phase"] == "ready" for e in (await engines(session, url)).values())
-        except aiohttp.ClientError:
-            return False
-
-    await wait_until(all_ready, 600, 0.05)
+    await wait_until(lambda: _all_ready(session, url), 600, 0.05)
     return proc, {"first_answer_s": first, "all_ready_s": time.monotonic() - t0}
 
 
@@ -129,7 +122,10 @@ async def measure_kills(session, url: str, kills: int) -> dict:
 
 
 async def _all_ready(session, url) -> bool:
-    return all(e["phase"] == "ready" for e in (await engines(session, url)).values())
+    try:
+        return all(e["phase"] == "ready" for e in (await engines(session, url)).values())
+    except aiohttp.ClientError:
+        return False
 
 
 async def measure_rolling_restart(session, url: str, clients: int) -> dict:

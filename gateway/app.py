@@ -80,6 +80,7 @@ class Gateway:
         # the supervisor kills and restarts its own engines from here.
         self.on_hung: Callable[[str, str], None] | None = None
         self.discovery: DnsDiscovery | None = None
+        self._probes: set[asyncio.Task] = set()  # probes of workers added at run time
         self._capacity = asyncio.Condition()  # notified whenever a worker finishes a request
         self.session: aiohttp.ClientSession | None = None
         self.app = web.Application(client_max_size=config.max_request_bytes,
@@ -203,7 +204,7 @@ class Gateway:
         known = {w.name for w in self.workers}
         for name, url in listed.items():
             if name not in known:
-                asyncio.get_running_loop().create_task(self._probe(self.add_worker(name, url, "config")))
+                self._probe_soon(self.add_worker(name, url, "config"))
         if config.discovery != old.discovery:
             self._set_discovery(config)
         return [f for f in ("host", "port", "max_request_bytes") if getattr(config, f) != getattr(old, f)]
@@ -222,8 +223,13 @@ class Gateway:
             self.remove_worker(w.name)
         known = {w.url for w in self.workers}
         for url in sorted(urls - known):
-            worker = self.add_worker(url.split("://", 1)[1], url, "dns")
-            asyncio.get_running_loop().create_task(self._probe(worker))
+            self._probe_soon(self.add_worker(url.split("://", 1)[1], url, "dns"))
+
+    def _probe_soon(self, worker: GatewayWorker) -> None:
+        """Probe a new worker now rather than at the next round (the task is kept until it ends)."""
+        task = asyncio.get_running_loop().create_task(self._probe(worker))
+        self._probes.add(task)
+        task.add_done_callback(self._probes.discard)
 
     def _worker(self, name: str) -> GatewayWorker:
         for w in self.workers:

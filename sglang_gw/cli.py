@@ -121,13 +121,13 @@ def _cmd_serve(args) -> int:
     from sglang_gw.supervisor.serve import serve
 
     path = args.config or _default_config()
-    try:
-        logging_config = load_serve_config(path, args.set).logging
+    try:  # an invalid config exits 2 before anything starts
+        config = load_serve_config(path, args.set)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    configure_logging("debug" if args.verbose else logging_config.level, logging_config.format)
-    return serve(path, args.set)
+    configure_logging("debug" if args.verbose else config.logging.level, config.logging.format)
+    return serve(config, path, args.set)
 
 
 def _default_config() -> str:

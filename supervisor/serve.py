@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import signal
-import sys
 import time
 
 import structlog
@@ -133,13 +132,8 @@ class Server:
               f"  status:     curl {self.address}/workers ; curl {self.address}/engines", flush=True)
 
 
-def serve(path: str, overrides: list[str]) -> int:
-    """Validate, then run; an invalid config exits 2 before anything starts."""
+def serve(config: ServeConfig, path: str, overrides: list[str]) -> int:
+    """Run until SIGTERM/SIGINT; `path` and `overrides` are read again on SIGHUP."""
     import uvloop
 
-    try:
-        config = load_serve_config(path, overrides)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
     return uvloop.run(Server(config, path, overrides).run())

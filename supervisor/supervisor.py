@@ -96,13 +96,14 @@ class Supervisor:
             started_ok = slot.ready.is_set()
             slot.ready.clear()
             self.gateway.worker_exited(slot.spec.name)  # ejected before anything else happens
-            reason, slot.planned = slot.planned, None
-            slot.last_exit = f"{_describe(code)} ({reason or ('crashed' if started_ok else 'crashed at start')})"
+            reason = slot.planned or ("crashed" if started_ok else "crashed_at_start")
+            slot.planned = None
+            slot.last_exit = f"{_exit_status(code)} ({reason.replace('_', ' ')})"
             log.warning("supervisor.engine_exited", engine=slot.spec.name, pid=process.pid, exit=slot.last_exit)
             if self.stopping:
                 break
             slot.restarts += 1
-            self.m_restarts.labels(slot.spec.name, reason or ("crashed" if started_ok else "crashed_at_start")).inc()
+            self.m_restarts.labels(slot.spec.name, reason).inc()
             if reason != "restart" and not await self._backoff(slot):
                 break
             self.gateway.worker_restarted(slot.spec.name)
@@ -281,7 +282,7 @@ class Supervisor:
         return web.json_response(self._describe(self.slots[name]))
 
 
-def _describe(code: int) -> str:
+def _exit_status(code: int) -> str:
     if code < 0:
         try:
             return f"killed by {signal.Signals(-code).name}"
