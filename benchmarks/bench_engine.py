@@ -99,7 +99,7 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     engine = Engine(model=args.model, device=args.device, dtype=args.dtype, num_threads=args.threads,
-                    kv_cache_bytes=int(args.kv_cache_gib * (1 << 30)), max_running_requests=args.requests)
+                    kv_cache_gib=args.kv_cache_gib, max_running_requests=args.requests)
     vocab = engine.model.config.vocab_size
     prompts, out_lens = make_workload(args.requests, vocab, seed=0)
     engine.generate(prompts[0][:64], SamplingParams(max_new_tokens=4))  # warm-up

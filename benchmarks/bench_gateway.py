@@ -29,8 +29,8 @@ import aiohttp
 import yaml
 from aiohttp import web
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import free_port, wait_http  # noqa: E402
+from sglang_gw.testing import free_port, wait_http
+
 
 MODEL = "fake"
 
@@ -91,7 +91,7 @@ def start_fakes(n: int, token_delay: float, core: int) -> tuple[list[subprocess.
                                        "--token-delay", str(token_delay)]))
         urls.append(f"http://127.0.0.1:{port}")
     for url in urls:
-        asyncio.run(wait_http(url + "/health"))
+        wait_http(url + "/health")
     return procs, urls
 
 
@@ -105,7 +105,7 @@ def start_gateway(urls: list[str], core: int, workdir: Path) -> tuple[subprocess
                              "--config", str(path), "--log-format", "json"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
-    asyncio.run(wait_http(url + "/ready"))
+    wait_http(url + "/ready")
     return proc, url, [proc.pid]
 
 
@@ -140,7 +140,7 @@ http {{
     proc = subprocess.Popen(["taskset", "-c", str(core), "nginx", "-c", str(workdir / "nginx.conf"),
                              "-p", str(workdir)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
-    asyncio.run(wait_http(url + "/health"))
+    wait_http(url + "/health")
     return proc, url, [proc.pid, *children(proc.pid)]
 
 

@@ -23,9 +23,9 @@ from pathlib import Path
 import aiohttp
 import yaml
 
+from sglang_gw.testing import free_port, wait_http
+
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "benchmarks"))
-from common import free_port, wait_http  # noqa: E402
 
 
 async def scrape(session: aiohttp.ClientSession, url: str) -> tuple[float, float]:
@@ -56,7 +56,7 @@ async def run_policy(policy: str, engines: list[str], trace, system_prompts, con
                              "--log-format", "json"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     try:
-        await wait_http(url + "/ready", proc)
+        await asyncio.to_thread(wait_http, url + "/ready", proc)
         async with aiohttp.ClientSession() as session:
             for e in engines:
                 async with session.post(e + "/flush_cache") as resp:
@@ -134,7 +134,7 @@ def main() -> None:
         urls.append(f"http://127.0.0.1:{port}")
     try:
         for url, proc in zip(urls, procs):
-            asyncio.run(wait_http(url + "/health", proc))
+            wait_http(url + "/health", proc)
         print(f"{args.engines} engines ({args.kv_tokens}-token KV pools), {args.tenants} tenants x {args.turns} "
               f"turns, concurrency {args.concurrency}")
         for policy in args.policies.split(","):

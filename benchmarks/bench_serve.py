@@ -27,8 +27,8 @@ from pathlib import Path
 import aiohttp
 from tqdm import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import free_port, wait_http  # noqa: E402
+from sglang_gw.testing import free_port, wait_http
+
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL = "builtin:smollm2-135m-instruct"
@@ -88,7 +88,7 @@ async def bare_engine_startup() -> float:
     proc = subprocess.Popen([sys.executable, "-m", "sglang_gw", "engine", "--port", str(port), "--num-threads", "1",
                              "--log-format", "json"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        await wait_http(f"http://127.0.0.1:{port}/health", proc, timeout=600)
+        await asyncio.to_thread(wait_http, f"http://127.0.0.1:{port}/health", proc, 600)
         return time.monotonic() - t0
     finally:
         proc.send_signal(signal.SIGTERM)

@@ -11,10 +11,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -28,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_engine import make_workload  # noqa: E402  (same workload as the engine-core benchmark)
 
 from sglang_gw.engine import Engine, SamplingParams  # noqa: E402
+from sglang_gw.testing import free_port, sse_event, wait_http  # noqa: E402
 
 
 def percentiles(values: list[float]) -> tuple[float, float]:
@@ -74,9 +73,10 @@ async def run_http(url: str, prompts, out_lens) -> tuple[float, list[float]]:
             async with session.post(url + "/generate", json=body) as resp:
                 assert resp.status == 200, await resp.text()
                 async for line in resp.content:
-                    if not line.startswith(b"data: {"):
+                    event = sse_event(line)
+                    if not isinstance(event, dict):
                         continue
-                    last = json.loads(line[6:])
+                    last = event
                     if ttft is None and last["output_ids"]:
                         ttft = time.perf_counter() - start
             assert last["meta_info"]["completion_tokens"] == n
@@ -87,29 +87,13 @@ async def run_http(url: str, prompts, out_lens) -> tuple[float, list[float]]:
 
 
 def start_server(args) -> tuple[subprocess.Popen, str]:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     cmd = [sys.executable, "-m", "sglang_gw.cli", "engine", "--model", args.model, "--port", str(port),
            "--num-threads", str(args.threads), "--kv-cache-gib", str(args.kv_cache_gib),
            "--max-running-requests", str(args.requests), "--log-format", "json"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=os.environ.copy())
     url = f"http://127.0.0.1:{port}"
-
-    async def wait_ready():
-        async with aiohttp.ClientSession() as session:
-            while True:
-                if proc.poll() is not None:
-                    raise RuntimeError(f"server exited with {proc.returncode}")
-                try:
-                    async with session.get(url + "/health") as resp:
-                        if resp.status == 200:
-                            return
-                except aiohttp.ClientError:
-                    pass
-                await asyncio.sleep(0.2)
-
-    asyncio.run(wait_ready())
+    wait_http(url + "/health", proc)
     return proc, url
 
 
@@ -121,7 +105,7 @@ def main() -> None:
     ap.add_argument("--kv-cache-gib", type=float, default=3.0)
     args = ap.parse_args()
 
-    engine = Engine(model=args.model, num_threads=args.threads, kv_cache_bytes=int(args.kv_cache_gib * (1 << 30)),
+    engine = Engine(model=args.model, num_threads=args.threads, kv_cache_gib=args.kv_cache_gib,
                     max_running_requests=args.requests)
     prompts, out_lens = make_workload(args.requests, engine.model.config.vocab_size, seed=0)
     engine.generate(prompts[0][:64], SamplingParams(max_new_tokens=4))  # warm-up, as the server does

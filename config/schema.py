@@ -1,9 +1,9 @@
 """The `sglang-gw serve` config: one YAML file, validated at start (unknown keys are errors).
 
 Errors name the field path and the reason ("engines.0.gpus: ..."), through the same `validate` as the
-gateway's own config. The engine settings are checked by constructing the engine's own `EngineConfig`
-and parsing `extra_args` with the engine's own flag parser, so check-config catches what an engine
-would refuse at start.
+gateway's own config. An engine group is the engine's own `ServerConfig` (declared once, in
+`sglang_gw.engine.settings`, with its ranges and cross-field rules) plus where its engines run, so
+check-config refuses exactly what an engine would refuse at start.
 """
 
 from __future__ import annotations
@@ -15,36 +15,40 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from ..engine.config import DEFAULT_MODEL, EngineConfig
-from ..gateway.config import (ConfigError, GatewayConfig, GatewaySettings, WorkerConfig, _Strict, merge_keys_file,
-                              read_yaml, validate)
-
-# Flags the supervisor sets itself for every engine: not allowed in extra_args.
-MANAGED_FLAGS = {"--model", "--host", "--port", "--device", "--num-threads", "--log-format", "--served-model-name"}
+from ..engine.settings import PER_PROCESS, EngineArgs, ServerConfig, add_flags, flag, given_flags
+from ..gateway.config import GatewayConfig, GatewaySettings, WorkerConfig, merge_keys_file
+from ..validation import ConfigError, Strict, read_yaml, validate
 
 
-class EngineGroupConfig(_Strict):
-    """`count` engines of one model (CPU), or one engine per listed GPU (CUDA)."""
+class EngineGroupConfig(ServerConfig):
+    """`count` engines of one model (CPU), or one engine per listed GPU (CUDA), with the engine settings."""
 
-    model: str = DEFAULT_MODEL  # an embedded model id or an HF model directory
-    served_model_name: str | None = None
-    device: Literal["cpu", "cuda"] = "cpu"
     count: int | None = Field(None, ge=1)  # default: 1 on CPU, one per GPU in `gpus` on CUDA
     gpus: list[int | str] | Literal["all"] | None = None  # CUDA_VISIBLE_DEVICES value per engine
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    mem_fraction_static: float = Field(EngineConfig.mem_fraction_static, gt=0, lt=1)  # CUDA
-    kv_cache_gib: float = Field(1.0, gt=0)  # CPU KV budget per engine
-    max_total_tokens: int | None = Field(None, ge=1)
-    context_length: int | None = Field(None, ge=2)
-    max_running_requests: int = Field(EngineConfig.max_running_requests, ge=1)
-    chunked_prefill_size: int = Field(EngineConfig.chunked_prefill_size, ge=1)
-    schedule_policy: Literal["fcfs", "lpm"] = "fcfs"
-    disable_radix_cache: bool = False
-    attention_backend: Literal["auto", "torch", "cpu"] = "auto"
-    num_threads: int | None = Field(None, ge=1)  # default: the cores split evenly between local engines
-    host: str = "127.0.0.1"
     base_port: int = Field(30000, ge=1, le=65535)  # engine i listens on base_port + i
-    extra_args: list[str] = []  # more `sglang-gw engine` flags, e.g. ["--max-queued-requests", "256"]
+    # More `sglang-gw engine` flags, e.g. ["--max-queued-requests", "256"]: folded into the fields above.
+    extra_args: list[str] = []
+
+    @model_validator(mode="before")
+    @classmethod
+    def _fold_extra_args(cls, raw):
+        """Parse extra_args with the engine's own flags and fold them into the fields they set, so that
+        check-config validates and prints what the engines will run with."""
+        if not isinstance(raw, dict) or not raw.get("extra_args"):
+            return raw
+        args = raw["extra_args"]
+        if not isinstance(args, list) or not all(isinstance(a, str) for a in args):
+            raise ValueError("extra_args: must be a list of strings")
+        parser = _RaisingParser(prog="extra_args", add_help=False)
+        add_flags(parser, EngineArgs)
+        folded = dict(raw, extra_args=[])
+        for name, value in given_flags(parser.parse_args(args), EngineArgs).items():
+            if name in PER_PROCESS:
+                raise ValueError(f"extra_args: {flag(name)} is set by the supervisor for each engine")
+            if name in raw and raw[name] != value:
+                raise ValueError(f"extra_args: {flag(name)} {value} contradicts {name}: {raw[name]}")
+            folded[name] = value
+        return folded
 
     @field_validator("model")
     @classmethod
@@ -58,21 +62,10 @@ class EngineGroupConfig(_Strict):
             raise ValueError(f"{model!r} is neither an embedded model id nor a directory on this host")
         return model
 
-    @field_validator("extra_args")
-    @classmethod
-    def _engine_flags(cls, args: list[str]) -> list[str]:
-        from ..cli import add_engine_args
-
-        managed = [a for a in args if a.split("=")[0] in MANAGED_FLAGS]
-        if managed:
-            raise ValueError(f"{managed[0]} is set by the supervisor from this section's fields")
-        parser = _RaisingParser(prog="sglang-gw engine", add_help=False)
-        add_engine_args(parser)
-        parser.parse_args(args)
-        return args
-
     @model_validator(mode="after")
     def _placement(self):
+        if self.device != self.device_type:
+            raise ValueError(f"device: {self.device}: give device: cuda and pin GPUs with gpus: [...]")
         if self.device == "cpu" and self.gpus is not None:
             raise ValueError("gpus: only for device: cuda")
         if self.device == "cuda" and self.gpus is None and self.count is None:
@@ -85,23 +78,18 @@ class EngineGroupConfig(_Strict):
             raise ValueError(f"count: {self.count} does not match the {len(self.gpus)} gpus listed")
         return self
 
-    def engine_config(self, num_threads: int | None) -> EngineConfig:
-        """The engine's own validated config (ValueError "field: why" when it would refuse to start)."""
-        return EngineConfig(
-            model=self.model, device=self.device, dtype=self.dtype, max_total_tokens=self.max_total_tokens,
-            kv_cache_bytes=int(self.kv_cache_gib * (1 << 30)), mem_fraction_static=self.mem_fraction_static,
-            context_length=self.context_length, max_running_requests=self.max_running_requests,
-            chunked_prefill_size=self.chunked_prefill_size, schedule_policy=self.schedule_policy,
-            disable_radix_cache=self.disable_radix_cache, attention_backend=self.attention_backend,
-            num_threads=num_threads)
+    def engine_args(self, port: int, num_threads: int) -> EngineArgs:
+        """One engine's full settings: this group's, plus what the supervisor sets per process."""
+        given = self.model_dump(include=set(ServerConfig.model_fields), exclude_unset=True)
+        return EngineArgs.model_validate(dict(given, port=port, num_threads=num_threads, log_format="json"))
 
 
 class _RaisingParser(argparse.ArgumentParser):
     def error(self, message: str):
-        raise ValueError(message)
+        raise ValueError(f"extra_args: {message}")
 
 
-class SupervisorConfig(_Strict):
+class SupervisorConfig(Strict):
     startup_timeout: float = Field(900.0, gt=0)  # an engine not ready this long after spawn is killed
     restart_backoff: float = Field(1.0, ge=0)  # delay before a restart, doubled per restart in the window
     restart_backoff_max: float = Field(60.0, ge=0)
@@ -113,12 +101,12 @@ class SupervisorConfig(_Strict):
     engine_stop_timeout: float = Field(30.0, gt=0)  # SIGTERM to an engine, then SIGKILL after this long
 
 
-class LoggingConfig(_Strict):
+class LoggingConfig(Strict):
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["auto", "json", "console"] = "auto"  # auto: console on a terminal, JSON otherwise
 
 
-class ServeConfig(_Strict):
+class ServeConfig(Strict):
     gateway: GatewaySettings = GatewaySettings()
     engines: list[EngineGroupConfig] = []
     remote_workers: list[WorkerConfig] = []  # engines on other hosts: probed, never restarted by us
@@ -138,10 +126,6 @@ class ServeConfig(_Strict):
                 if port in taken:
                     raise ValueError(f"engines.{g}.base_port: port {port} is already used by {taken[port]}")
                 taken[port] = f"engines.{g}"
-            try:
-                group.engine_config(group.num_threads)
-            except ValueError as exc:
-                raise ValueError(f"engines.{g}.{exc}") from None
         names = [w.name or w.url for w in self.remote_workers]
         clash = set(names) & {name for name, *_ in local_engine_names(self)} | {n for n in names if names.count(n) > 1}
         if clash:

@@ -1,8 +1,24 @@
-"""Our inference engine: model forward, KV pool, radix prefix cache, scheduler, sampler."""
+"""Our inference engine: model forward, KV pool, radix prefix cache, scheduler, sampler.
 
-from .config import EngineConfig
-from .engine import Engine
-from .request import FinishReason, RequestOutput
-from .sampling_params import InvalidParamError, SamplingParams
+The names below load on first use, so that `sglang_gw.engine.settings` (and anything else that
+imports no torch) can be used by the gateway and the supervisor without loading torch.
+"""
 
-__all__ = ["Engine", "EngineConfig", "FinishReason", "InvalidParamError", "RequestOutput", "SamplingParams"]
+from importlib import import_module
+
+_EXPORTS = {
+    "Engine": ".engine",
+    "EngineConfig": ".settings",
+    "FinishReason": ".request",
+    "InvalidParamError": ".sampling_params",
+    "RequestOutput": ".request",
+    "SamplingParams": ".sampling_params",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(import_module(_EXPORTS[name], __name__), name)

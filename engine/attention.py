@@ -2,8 +2,7 @@
 
 A backend writes each layer's new K/V into the pool and attends over every cached position of each
 request. `torch` is the reference: plain SDPA, runs on CPU and CUDA. `cpu` is the reference plus a
-staged decode (below), the default on CPU. A Triton backend will register itself here under another
-name.
+staged decode (below), the default on CPU. The names are declared in `settings.ATTENTION_BACKENDS`.
 """
 
 from __future__ import annotations
@@ -16,6 +15,7 @@ import torch.nn.functional as F
 
 from .batch import ForwardBatch
 from .kv_pool import KVPool, ReqToTokenTable
+from .settings import ATTENTION_BACKENDS
 
 
 class AttentionBackend(ABC):
@@ -90,7 +90,7 @@ class CpuStagedBackend(TorchBackend):
     on a CPU (the whole batch's KV is copied per layer per step). Here each decoding request owns a
     row of a dense buffer [layers, rows, kv_heads, capacity, head_dim]: it is gathered once when the
     request joins the decode batch, then each step appends one token. Prefill uses the reference path.
-    Costs a second copy of the decode batch's KV (CPU memory is plentiful; GPUs get Triton instead).
+    Costs a second copy of the decode batch's KV (CPU memory is plentiful; GPU memory is not: CUDA uses `torch`).
 
     Invariant: for each kv_key in `row_of`, dense row `row_of[key]` holds the KV of that request's
     first `staged_len[row]` positions, identical to its slots in the pool.
@@ -196,6 +196,7 @@ _BACKENDS: dict[str, Callable[[KVPool, ReqToTokenTable], AttentionBackend]] = {
     "torch": TorchBackend,
     "cpu": CpuStagedBackend,
 }
+assert tuple(_BACKENDS) == ATTENTION_BACKENDS, "settings.ATTENTION_BACKENDS names the backends the engine accepts"
 
 
 def create_attention_backend(name: str, pool: KVPool, table: ReqToTokenTable) -> AttentionBackend:

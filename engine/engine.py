@@ -1,8 +1,9 @@
 """The offline API: `Engine(config).generate(...)` and `async for out in engine.generate_stream(...)`.
 
-The scheduler runs in its own thread; callers talk to it only through an inbox (add / abort) and get
-`RequestOutput` snapshots back through callbacks. The HTTP server and the benchmarks use this same
-class, so there is one code path.
+The scheduler runs in its own thread; callers talk to it only through an inbox of typed messages
+(below) and get `RequestOutput` snapshots back through callbacks. The HTTP server and the benchmarks
+use this same class, so there is one code path. A request is tokenized and validated once, by
+`Engine.prepare`; the server calls it before it answers (so errors are 400s) and then `Engine.stream`.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import threading
 import time
 import uuid
 from collections import deque
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import AsyncIterator, Callable, Sequence
 
 import structlog
@@ -20,23 +21,66 @@ import torch
 from transformers import AutoTokenizer
 
 from .attention import create_attention_backend
-from .config import EngineConfig
 from .kv_pool import KVLayout, KVPool, ReqToTokenTable
 from .models.builtin import resolve_model_path
 from .models.llama import load_model
 from .radix_cache import RadixCache
-from .request import FinishReason, Req, RequestOutput
+from .request import NO_LOGPROBS, FinishReason, LogprobRequest, Req, RequestOutput
 from .sampling_params import InvalidParamError, SamplingParams
 from .scheduler import Scheduler
+from .settings import EngineConfig
 
 log = structlog.get_logger(__name__)
 
 Prompt = str | list[int]
 
 
+@dataclass(frozen=True)
+class ValidatedRequest:
+    """A prompt tokenized and checked against one engine: what the scheduler thread can run as is.
+    Made by `Engine.prepare`, which keeps the invariant: every token id it holds is in the vocabulary,
+    and prompt + max_new_tokens fits the context and the KV pool."""
+
+    input_ids: list[int]
+    params: SamplingParams
+    logprobs: LogprobRequest
+
+
+# The scheduler thread's inbox: every message is one of these; anything else is a programming error.
+@dataclass(frozen=True)
+class AddRequest:
+    req: Req
+
+
+@dataclass(frozen=True)
+class Abort:
+    rid: str
+
+
+@dataclass(frozen=True)
+class AbortAll:
+    pass
+
+
+@dataclass(frozen=True)
+class Call:
+    """Run fn on the scheduler thread and hand its result to the waiting caller: before the next
+    step, or once the scheduler has no work (when_idle)."""
+
+    fn: Callable[[], object]
+    result: _Result
+    when_idle: bool
+
+    def run(self) -> None:
+        self.result.set(self.fn)
+
+
+Message = AddRequest | Abort | AbortAll | Call
+
+
 class Engine:
     def __init__(self, config: EngineConfig | None = None, **overrides):
-        config = replace(config or EngineConfig(), **overrides)
+        config = (config or EngineConfig()).replace(**overrides)
         self.config = config
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
@@ -62,10 +106,16 @@ class Engine:
         if backend == "auto":
             backend = "cpu" if self.device.type == "cpu" else "torch"
         attn = create_attention_backend(backend, self.pool, self.table)
-        self.scheduler = Scheduler(self.model, attn, self.pool, self.table, self.cache, config.scheduler_config())
+        self.scheduler = Scheduler(self.model, attn, self.pool, self.table, self.cache, config)
+        # The settings as they run, where "auto" or a default was resolved (for /get_server_info).
+        self.resolved_settings = {
+            "dtype": str(dtype).removeprefix("torch."), "attention_backend": backend,
+            "context_length": self.context_length, "max_total_tokens": self.pool.size,
+            "max_prefill_tokens": config.prefill_step_tokens, "num_threads": torch.get_num_threads(),
+        }
 
-        self._inbox: deque[tuple[str, object]] = deque()
-        self._idle_calls: list[tuple[Callable[[], object], _Result]] = []
+        self._inbox: deque[Message] = deque()
+        self._idle_calls: list[Call] = []
         # Outputs produced during a step, per caller event loop; only the scheduler thread touches it.
         self._outbox: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, RequestOutput]]] = {}
         self._wake = threading.Condition()
@@ -89,7 +139,7 @@ class Engine:
             if budget <= 0:
                 raise RuntimeError(f"mem_fraction_static={c.mem_fraction_static} leaves no GPU memory for KV")
         else:
-            budget = c.kv_cache_bytes
+            budget = c.kv_cache_gib * (1 << 30)
         return max(int(budget // layout.bytes_per_token()), 1)
 
     # ---- the scheduler thread -------------------------------------------------------------------
@@ -102,27 +152,29 @@ class Engine:
                         self._wake.wait()
                     if self._stopping:
                         break
-                    commands = list(self._inbox)
+                    messages = list(self._inbox)
                     self._inbox.clear()
-                for kind, arg in commands:
-                    if kind == "add":
-                        self.scheduler.add(arg)
-                    elif kind == "abort":
-                        self.scheduler.abort(arg)
-                    elif kind == "abort_all":
-                        self.scheduler.abort_all()
-                    elif kind == "call_now":
-                        fn, result = arg
-                        result.set(fn)
-                    else:
-                        self._idle_calls.append(arg)
+                for message in messages:
+                    match message:
+                        case AddRequest(req):
+                            self.scheduler.add(req)
+                        case Abort(rid):
+                            self.scheduler.abort(rid)
+                        case AbortAll():
+                            self.scheduler.abort_all()
+                        case Call(when_idle=True):
+                            self._idle_calls.append(message)
+                        case Call():
+                            message.run()
+                        case _:
+                            raise TypeError(f"not an engine message: {message!r}")
                 if self.scheduler.has_work():
                     self.scheduler.step()
                     self._flush_outbox()
                 else:
                     calls, self._idle_calls = self._idle_calls, []
-                    for fn, result in calls:
-                        result.set(fn)
+                    for call in calls:
+                        call.run()
         except BaseException as exc:  # a broken step leaves KV state unknown: fail everyone, stop
             self.error = exc
             log.exception("engine.scheduler_failed")
@@ -141,11 +193,11 @@ class Engine:
             except RuntimeError:  # the caller's event loop is gone; nobody is listening any more
                 pass
 
-    def _send(self, kind: str, arg) -> None:
+    def _send(self, message: Message) -> None:
         if self.error is not None:
             raise RuntimeError(f"engine stopped after an error: {self.error}")
         with self._wake:
-            self._inbox.append((kind, arg))
+            self._inbox.append(message)
             self._wake.notify()
 
     def shutdown(self) -> None:
@@ -162,18 +214,16 @@ class Engine:
 
     # ---- requests -------------------------------------------------------------------------------
 
-    def tokenize(self, prompt: Prompt) -> list[int]:
-        if isinstance(prompt, str):
-            return self.tokenizer.encode(prompt)
-        return list(prompt)
-
     def apply_chat_template(self, messages: list[dict]) -> str:
         return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
-    def validate(self, input_ids: list[int], params: SamplingParams, top_logprobs_num: int = 0,
-                 prompt_field: str = "input_ids") -> SamplingParams:
-        """Reject what cannot run (naming the field); clip max_new_tokens to what the context and pool
-        allow. Everything the scheduler thread indexes with is checked here, before it gets there."""
+    def prepare(self, prompt: Prompt, params: SamplingParams | None = None,
+                logprobs: LogprobRequest = NO_LOGPROBS, prompt_field: str = "input_ids") -> ValidatedRequest:
+        """Tokenize; reject what cannot run (InvalidParamError naming the field); clip max_new_tokens to
+        what the context and pool allow. Everything the scheduler thread indexes with is checked here,
+        before it gets there."""
+        params = params or SamplingParams()
+        input_ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         vocab = self.model.config.vocab_size
         if not input_ids:
             raise InvalidParamError(prompt_field, "the prompt is empty")
@@ -181,71 +231,61 @@ class Engine:
                            ("logit_bias", params.logit_bias)):
             if any(not 0 <= t < vocab for t in ids):
                 raise InvalidParamError(field, f"token ids must be in [0, {vocab})")
-        if not 0 <= top_logprobs_num <= vocab:
+        if not 0 <= logprobs.top_logprobs_num <= vocab:
             raise InvalidParamError("top_logprobs_num", f"must be in [0, {vocab}]")
         limit = min(self.context_length, self.pool.size)
         if len(input_ids) >= limit:
             raise InvalidParamError(
-                prompt_field, f"the prompt has {len(input_ids)} tokens; this engine's limit is {limit - 1}"
+                prompt_field, f"the prompt has {len(input_ids)} tokens; this engine's limit is {limit - 1}",
+                "context_length_exceeded",
             )
         if len(input_ids) + params.max_new_tokens > limit:
             params = replace(params, max_new_tokens=limit - len(input_ids))
             params = replace(params, min_new_tokens=min(params.min_new_tokens, params.max_new_tokens))
-        return params
+        return ValidatedRequest(input_ids, params, logprobs)
 
-    def submit(
-        self,
-        prompt: Prompt,
-        params: SamplingParams,
-        on_output: Callable[[RequestOutput], None],
-        *,
-        rid: str | None = None,
-        return_logprob: bool = False,
-        logprob_start_len: int = -1,
-        top_logprobs_num: int = 0,
-        seed: int | None = None,
-    ) -> str:
-        """Queue one sequence (n is handled by the callers below); returns its rid."""
-        input_ids = self.tokenize(prompt)
-        params = self.validate(input_ids, params, top_logprobs_num)
+    def _submit(self, request: ValidatedRequest, on_output: Callable[[RequestOutput], None], *,
+                rid: str | None = None, sample_index: int = 0) -> str:
+        """Queue one sequence (`stream` splits n > 1 into n of them); returns its rid."""
         rid = rid or uuid.uuid4().hex
         def track(out: RequestOutput) -> None:
             if out.finished:
                 self._live.pop(rid, None)
             on_output(out)
 
-        req = Req(
-            rid, input_ids, params,
-            tokenizer=self.tokenizer, eos_token_ids=self.eos_token_ids, on_output=track,
-            return_logprob=return_logprob, logprob_start_len=logprob_start_len, top_logprobs_num=top_logprobs_num,
-            seed=seed if seed is not None else params.sampling_seed,
-        )
+        req = Req(rid, request.input_ids, request.params, tokenizer=self.tokenizer, eos_token_ids=self.eos_token_ids,
+                  on_output=track, logprobs=request.logprobs, sample_index=sample_index)
         self._live[rid] = req
-        self._send("add", req)
+        self._send(AddRequest(req))
         return rid
 
     def abort(self, rid: str) -> None:
         """Abort a request by rid; for n > 1, the rid given at submission aborts all n sequences."""
         for seq_rid in self._groups.get(rid, (rid,)):
-            self._send("abort", seq_rid)
+            self._send(Abort(seq_rid))
 
     def abort_all(self) -> None:
-        self._send("abort_all", None)
+        self._send(AbortAll())
 
-    def _expand_n(self, prompt: Prompt, params: SamplingParams, rid: str | None) -> list[tuple[str | None, SamplingParams]]:
-        """n > 1 becomes n sequences with seeds seed, seed+1, … (the prompt is prefilled once first)."""
+    @staticmethod
+    def _samples(request: ValidatedRequest, rid: str | None) -> list[tuple[str | None, ValidatedRequest]]:
+        """n > 1 becomes n sequences with seeds seed, seed+1, …; a sequence's place in the list is its
+        sample_index. Their rids are rid-0, rid-1, … (as SGLang names them); without a rid, fresh ones."""
+        params = request.params
         if params.n == 1:
-            return [(rid, params)]
+            return [(rid, request)]
         base = params.sampling_seed
+        # Only n and the seed change, so each sample is as valid as the request.
         return [
             (f"{rid}-{i}" if rid else None,
-             replace(params, n=1, sampling_seed=None if base is None else base + i))
+             replace(request, params=replace(params, n=1, sampling_seed=None if base is None else base + i)))
             for i in range(params.n)
         ]
 
     def generate(self, prompts: Prompt | Sequence[Prompt], params: SamplingParams | Sequence[SamplingParams] | None = None,
                  **kwargs) -> list[RequestOutput]:
-        """Blocking batch generation: one final output per sequence (n per prompt), in prompt order."""
+        """Blocking batch generation: one final output per sequence (n per prompt, in sample order), in
+        prompt order."""
         single = isinstance(prompts, str) or (prompts and isinstance(prompts[0], int))
         prompts = [prompts] if single else list(prompts)
         params_list = _broadcast_params(params, len(prompts))
@@ -256,38 +296,45 @@ class Engine:
                 async for out in self.generate_stream(p, sp, **kwargs):
                     if out.finished:
                         outs.append(out)
-                return sorted(outs, key=lambda o: o.rid)
+                return sorted(outs, key=lambda o: o.sample_index)
 
             results = await asyncio.gather(*(one(p, sp) for p, sp in zip(prompts, params_list)))
             return [o for group in results for o in group]
 
         return asyncio.run(run_all())
 
-    async def generate_stream(self, prompt: Prompt, params: SamplingParams | None = None, *, rid: str | None = None,
-                              **kwargs) -> AsyncIterator[RequestOutput]:
+    def generate_stream(self, prompt: Prompt, params: SamplingParams | None = None, *, rid: str | None = None,
+                        return_logprob: bool = False, logprob_start_len: int = -1,
+                        top_logprobs_num: int = 0) -> AsyncIterator[RequestOutput]:
+        """`stream` for a prompt (text or token ids); raises InvalidParamError here if it cannot run."""
+        logprobs = LogprobRequest(return_logprob, logprob_start_len, top_logprobs_num)
+        return self.stream(self.prepare(prompt, params, logprobs), rid=rid)
+
+    async def stream(self, request: ValidatedRequest, *, rid: str | None = None) -> AsyncIterator[RequestOutput]:
         """Yields a snapshot after every step that changed a sequence. With n > 1, snapshots of the n
-        sequences interleave (tell them apart by rid). Leaving the loop early aborts what is left."""
-        params = params or SamplingParams()
+        sequences interleave (tell them apart by sample_index). Leaving the loop early aborts what is left."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
 
         def deliver(out: RequestOutput) -> None:  # runs on the scheduler thread, inside a step
             self._outbox.setdefault(loop, []).append((queue, out))
 
-        sequences = self._expand_n(prompt, params, rid)
-        if rid is not None and len(sequences) > 1:
-            self._groups[rid] = [seq_rid for seq_rid, _ in sequences]
+        samples = self._samples(request, rid)
+        if rid is not None and len(samples) > 1:
+            self._groups[rid] = [seq_rid for seq_rid, _ in samples]
         prompt_cached = None
-        if len(sequences) > 1:
-            # Prefill the shared prompt once so that every sample reuses its KV from the cache.
-            prefill_rid = self.submit(prompt, replace(params, n=1, max_new_tokens=0, min_new_tokens=0), deliver)
+        if len(samples) > 1:
+            # Prefill the shared prompt once so that every sample reuses its KV from the cache (no
+            # logprobs: the samples report those). Generating nothing keeps the request valid.
+            prefill_params = replace(request.params, n=1, max_new_tokens=0, min_new_tokens=0)
+            prefill_rid = self._submit(replace(request, params=prefill_params, logprobs=NO_LOGPROBS), deliver)
             while not (out := await queue.get()).finished or out.rid != prefill_rid:
                 pass
             prompt_cached = out.cached_tokens  # what the cache really saved this request
         pending: set[str] = set()
         try:
-            for seq_rid, sp in sequences:
-                pending.add(self.submit(prompt, sp, deliver, rid=seq_rid, **kwargs))
+            for sample_index, (seq_rid, sample) in enumerate(samples):
+                pending.add(self._submit(sample, deliver, rid=seq_rid, sample_index=sample_index))
             while pending:
                 out = await queue.get()
                 if out.finished:
@@ -303,13 +350,13 @@ class Engine:
     def run_when_idle(self, fn: Callable[[], object], timeout: float = 60.0):
         """Call fn on the scheduler thread once it has no work (e.g. the integrity check); its result."""
         result = _Result()
-        self._send("call_idle", (fn, result))
+        self._send(Call(fn, result, when_idle=True))
         return result.get(timeout)
 
     def run_between_steps(self, fn: Callable[[], object], timeout: float = 60.0):
         """Call fn on the scheduler thread before its next step, busy or not; its result."""
         result = _Result()
-        self._send("call_now", (fn, result))
+        self._send(Call(fn, result, when_idle=False))
         return result.get(timeout)
 
     def flush_cache(self) -> bool:
@@ -322,7 +369,7 @@ class Engine:
 
         return self.run_between_steps(flush)
 
-    def load(self) -> dict:
+    def live_stats(self) -> dict:
         """Live figures for /get_server_info and /metrics (read without locking: a snapshot)."""
         s = self.scheduler
         used = self.pool.size - self.pool.available() - self.cache.evictable_size()

@@ -30,7 +30,7 @@ class _EngineCollector:
         now, generated = time.monotonic(), stats.generated_tokens
         then, before = self._last
         self._last = (now, generated)
-        gauges = dict(engine.load(), gen_throughput=(generated - before) / max(now - then, 1e-9))
+        gauges = dict(engine.live_stats(), gen_throughput=(generated - before) / max(now - then, 1e-9))
         for name, value in gauges.items():
             g = GaugeMetricFamily(f"sglang:{name}", name.replace("_", " "), labels=["model_name"])
             g.add_metric([model], float(value))

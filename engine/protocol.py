@@ -10,7 +10,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from ..errors import APIError, bad_request
+from ..errors import bad_request
+from ..validation import describe
 from .sampling_params import InvalidParamError, SamplingParams
 
 
@@ -148,9 +149,6 @@ class GenerateRequest(_Schema):
         return [value] * count
 
 
-_TYPE_TAGS = {"str", "int", "float", "bool", "dict", "list", "none"}
-
-
 def parse(schema: type[_Schema], body: object) -> _Schema:
     """Validate a JSON body; the first problem becomes a 400 naming the field."""
     if not isinstance(body, dict):
@@ -158,12 +156,7 @@ def parse(schema: type[_Schema], body: object) -> _Schema:
     try:
         return schema.model_validate(body)
     except ValidationError as exc:
-        err = exc.errors()[0]
-        # pydantic tags union members in the location ("text.str", "input_ids.list[int].1"): keep
-        # only the request's own field names and list indexes.
-        param = ".".join(str(p) for p in err["loc"] if isinstance(p, int) or p.isidentifier()
-                         and p not in _TYPE_TAGS) or None
-        message = err["msg"].removeprefix("Value error, ")
+        param, message = describe(exc)
         raise bad_request(f"{param}: {message}" if param else message, param) from None
 
 
@@ -171,5 +164,4 @@ def sampling_params(d: dict | None) -> SamplingParams:
     try:
         return SamplingParams.from_dict(d)
     except InvalidParamError as exc:
-        code = "unsupported" if "not supported" in str(exc) else "invalid_value"
-        raise APIError(400, str(exc), param=exc.param, code=code) from None
+        raise bad_request(str(exc), exc.param, exc.code) from None

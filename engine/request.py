@@ -27,11 +27,25 @@ class FinishReason:
         return {"type": "stop", "matched": self.matched}
 
 
+@dataclass(frozen=True)
+class LogprobRequest:
+    """The logprobs a request asks for (SGLang's /generate fields): prompt logprobs from position
+    logprob_start_len on (-1: none), and the top_logprobs_num most likely tokens at each position."""
+
+    return_logprob: bool = False
+    logprob_start_len: int = -1
+    top_logprobs_num: int = 0
+
+
+NO_LOGPROBS = LogprobRequest()
+
+
 @dataclass
 class RequestOutput:
     """A snapshot sent to the caller after each step that changed the request (and once at the end)."""
 
     rid: str
+    sample_index: int  # which of its request's n samples this is (0 when n == 1)
     text: str  # cumulative streamable text
     output_ids: list[int]  # cumulative
     finished: bool
@@ -57,21 +71,19 @@ class Req:
         tokenizer,
         eos_token_ids: tuple[int, ...],
         on_output: Callable[[RequestOutput], None],
-        return_logprob: bool = False,
-        logprob_start_len: int = -1,
-        top_logprobs_num: int = 0,
-        seed: int | None = None,
+        logprobs: LogprobRequest = NO_LOGPROBS,
+        sample_index: int = 0,
     ):
         self.rid = rid
+        self.sample_index = sample_index
         self.origin_input_ids = list(input_ids)
         self.params = params
         self.on_output = on_output
-        self.return_logprob = return_logprob
-        self.logprob_start_len = logprob_start_len
-        self.top_logprobs_num = top_logprobs_num
+        self.logprobs = logprobs
         stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else set(eos_token_ids))
         self.stop_token_ids = frozenset(stop_ids)
         self.generator = torch.Generator()
+        seed = params.sampling_seed
         self.generator.manual_seed(seed if seed is not None else int(torch.randint(0, 2**62, ()).item()))
         self.detok = IncrementalDetokenizer(tokenizer, params.skip_special_tokens, params.spaces_between_special_tokens)
         self.stop_matcher = StopStringMatcher(params.stop)
@@ -90,7 +102,6 @@ class Req:
         self.kv_key = -1  # new on every (re-)admission, so backends can tell a refilled row apart
         self.cached_tokens = 0  # prompt tokens served from the cache at first admission
         self.admitted = False
-        self.computed_tokens = 0  # tokens this request ran through the model (cache hits excluded)
         self.input_logprobs_done = False
 
         # Logprobs accumulated for the caller.
@@ -111,7 +122,7 @@ class Req:
 
     @property
     def needs_input_logprobs(self) -> bool:
-        return self.return_logprob and self.logprob_start_len >= 0
+        return self.logprobs.return_logprob and self.logprobs.logprob_start_len >= 0
 
     def reserved_tokens(self, new_token_ratio: float) -> int:
         """KV tokens the scheduler keeps in reserve for this request's future decode steps."""
@@ -145,6 +156,7 @@ class Req:
         now = time.perf_counter()
         return RequestOutput(
             rid=self.rid,
+            sample_index=self.sample_index,
             text=text,
             output_ids=list(self.output_ids),
             finished=self.finished,

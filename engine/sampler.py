@@ -21,13 +21,19 @@ class SampleOutput:
     top_logprobs: list[list[tuple[int, float]]] | None
 
 
+def apply_logit_bias(logits: torch.Tensor, reqs: list[Req]) -> None:
+    """In place. Adds each request's logit_bias (token id → bias) to its row."""
+    for i, req in enumerate(reqs):
+        bias = req.params.logit_bias
+        if bias:
+            ids = torch.tensor(list(bias), device=logits.device)
+            logits[i, ids] += torch.tensor(list(bias.values()), device=logits.device)
+
+
 def apply_penalties(logits: torch.Tensor, reqs: list[Req]) -> None:
     """In place. Repetition penalty over prompt + output (HF); frequency/presence over output (OpenAI)."""
     for i, req in enumerate(reqs):
         p = req.params
-        if p.logit_bias:
-            ids = torch.tensor(list(p.logit_bias), device=logits.device)
-            logits[i, ids] += torch.tensor(list(p.logit_bias.values()), device=logits.device)
         if not p.needs_penalties:
             continue
         row = logits[i]
@@ -62,10 +68,11 @@ def filter_probs(probs: torch.Tensor, top_k: int, top_p: float, min_p: float) ->
     return probs
 
 
-def sample(logits: torch.Tensor, reqs: list[Req], top_logprobs_nums: list[int]) -> SampleOutput:
+def sample(logits: torch.Tensor, reqs: list[Req]) -> SampleOutput:
     """logits [B, V] float32 (modified in place)."""
-    want_logprobs = any(r.return_logprob for r in reqs)
+    want_logprobs = any(r.logprobs.return_logprob for r in reqs)
     raw_logprobs = torch.log_softmax(logits, dim=-1) if want_logprobs else None
+    apply_logit_bias(logits, reqs)
     apply_penalties(logits, reqs)
     mask_stop_tokens_before_min(logits, reqs)
     tokens: list[int] = []
@@ -82,8 +89,13 @@ def sample(logits: torch.Tensor, reqs: list[Req], top_logprobs_nums: list[int]) 
     if raw_logprobs is None:
         return SampleOutput(tokens, None, None)
     chosen = raw_logprobs[torch.arange(len(tokens)), torch.tensor(tokens)].tolist()
-    tops = []
-    for i, k in enumerate(top_logprobs_nums):
-        vals, ids = raw_logprobs[i].topk(k) if k > 0 else (torch.empty(0), torch.empty(0, dtype=torch.int64))
-        tops.append(list(zip(ids.tolist(), vals.tolist())))
+    tops = [top_logprobs(row, req.logprobs.top_logprobs_num) for row, req in zip(raw_logprobs, reqs)]
     return SampleOutput(tokens, chosen, tops)
+
+
+def top_logprobs(logprobs: torch.Tensor, k: int) -> list[tuple[int, float]]:
+    """The k most likely (token id, logprob) pairs of one row of logprobs."""
+    if k <= 0:
+        return []
+    vals, ids = logprobs.topk(k)
+    return list(zip(ids.tolist(), vals.tolist()))

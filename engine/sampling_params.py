@@ -6,11 +6,13 @@ from dataclasses import dataclass, field, fields
 
 
 class InvalidParamError(ValueError):
-    """A request parameter is out of range; `param` names the field (for OpenAI-style errors)."""
+    """A request parameter is out of range; `param` names the field and `code` is the OpenAI-style
+    error code, both set where the error is raised (the HTTP layer copies them into its 400)."""
 
-    def __init__(self, param: str, message: str):
+    def __init__(self, param: str, message: str, code: str = "invalid_value"):
         super().__init__(f"{param}: {message}")
         self.param = param
+        self.code = code
 
 
 @dataclass(frozen=True)
@@ -43,7 +45,7 @@ class SamplingParams:
         for key, value in d.items():
             if key in ("regex", "json_schema", "ebnf"):
                 if value is not None:
-                    raise InvalidParamError(key, "structured output is not supported yet")
+                    raise InvalidParamError(key, "structured output is not supported yet", "unsupported")
                 continue
             if key not in known:
                 raise InvalidParamError(key, "unknown sampling parameter")

@@ -24,7 +24,8 @@ from .batch import ForwardBatch
 from .kv_pool import KVPool, ReqToTokenTable
 from .radix_cache import RadixCache
 from .request import FinishReason, Req
-from .sampler import sample
+from .sampler import sample, top_logprobs
+from .settings import SchedulerConfig
 
 log = structlog.get_logger(__name__)
 
@@ -36,27 +37,9 @@ RETRACT_RATIO_STEP = 0.1
 LPM_FALLBACK_QUEUE_LEN = 128
 
 
-@dataclass(frozen=True)
-class SchedulerConfig:
-    max_running_requests: int = 64
-    chunked_prefill_size: int = 2048
-    max_prefill_tokens: int = 16384
-    schedule_policy: str = "fcfs"  # "fcfs" | "lpm"
-    batch_log_interval: float = 5.0  # seconds between "Prefill batch." / "Decode batch." log lines
-
-    def __post_init__(self):
-        if self.schedule_policy not in ("fcfs", "lpm"):
-            raise ValueError(f"schedule_policy must be 'fcfs' or 'lpm', not {self.schedule_policy!r}")
-        for name in ("max_running_requests", "chunked_prefill_size", "max_prefill_tokens"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}: must be >= 1 (got {getattr(self, name)!r})")
-
-
 @dataclass
 class SchedulerStats:
     forward_tokens: int = 0  # tokens run through the model (prefill + decode)
-    prefill_steps: int = 0
-    decode_steps: int = 0
     retractions: int = 0
     aborted: int = 0
     finished: int = 0
@@ -160,12 +143,12 @@ class Scheduler:
         # logits from position logprob_start_len - 1 on.
         limit = len(req.all_ids) - 1
         if req.needs_input_logprobs and not req.input_logprobs_done:
-            limit = min(limit, max(req.logprob_start_len - 1, 0))
+            limit = min(limit, max(req.logprobs.logprob_start_len - 1, 0))
         return req.all_ids[:limit]
 
     def _schedule_prefill(self) -> list[tuple[Req, int]]:
         """(request, tokens to compute this step) for an extend batch; [] when nothing can start."""
-        budget = min(self.config.chunked_prefill_size, self.config.max_prefill_tokens)
+        budget = self.config.prefill_step_tokens  # over the whole step; each chunk is also capped
         batch: list[tuple[Req, int]] = []
         if self.chunked is not None:
             req, self.chunked = self.chunked, None
@@ -219,7 +202,7 @@ class Scheduler:
     def _extend_into_row(self, req: Req, budget: int, allow_retract: bool) -> int | None:
         """Allocate slots for the next chunk of req's uncomputed tokens; returns the chunk length.
         Only a prefill already under way may retract decoding requests: a new one waits instead."""
-        n = min(len(req.all_ids) - req.kv_len, budget)
+        n = min(len(req.all_ids) - req.kv_len, budget, self.config.chunked_prefill_size)
         slots = self._alloc(n, allow_retract)
         if slots is None:
             return None
@@ -289,13 +272,8 @@ class Scheduler:
         self.attn.prepare(fb)
         logits = self.model.forward(fb, self.attn)
         self.stats.forward_tokens += fb.num_tokens
-        if is_decode:
-            self.stats.decode_steps += 1
-        else:
-            self.stats.prefill_steps += 1
         for req, n in batch:
             req.kv_len += n
-            req.computed_tokens += n
         self._log_batch(batch, is_decode)
         for req, first, count in prompt_spans:
             self._record_prompt_logprobs(req, logits[first : first + count], req.kv_len - count)
@@ -324,7 +302,7 @@ class Scheduler:
         """Logprob of prompt token p comes from the logits at position p - 1."""
         logprobs = torch.log_softmax(logits, dim=-1)
         prompt = req.origin_input_ids
-        start = max(req.logprob_start_len, 0)
+        start = max(req.logprobs.logprob_start_len, 0)
         if start == 0 and first_pos == 0:
             req.input_token_logprobs.append((None, prompt[0]))
             req.input_top_logprobs.append([])
@@ -332,27 +310,20 @@ class Scheduler:
             p = first_pos + i + 1  # the token these logits predict
             if start <= p < len(prompt):
                 req.input_token_logprobs.append((float(logprobs[i, prompt[p]]), prompt[p]))
-                req.input_top_logprobs.append(self._top(logprobs[i], req.top_logprobs_num))
+                req.input_top_logprobs.append(top_logprobs(logprobs[i], req.logprobs.top_logprobs_num))
         if first_pos + logprobs.shape[0] >= len(prompt):
             req.input_logprobs_done = True
-
-    @staticmethod
-    def _top(logprobs: torch.Tensor, k: int) -> list[tuple[int, float]]:
-        if k <= 0:
-            return []
-        vals, ids = logprobs.topk(k)
-        return list(zip(ids.tolist(), vals.tolist()))
 
     def _sample_and_advance(self, sampled: list[tuple[Req, int]], logits: torch.Tensor) -> None:
         to_sample = [(req, row) for req, row in sampled if len(req.output_ids) < req.params.max_new_tokens]
         if to_sample:
             reqs = [req for req, _ in to_sample]
             rows = torch.tensor([row for _, row in to_sample], dtype=torch.int64, device=logits.device)
-            out = sample(logits[rows], reqs, [r.top_logprobs_num for r in reqs])
+            out = sample(logits[rows], reqs)
             for i, req in enumerate(reqs):
                 req.append_token(out.token_ids[i])
                 self.stats.generated_tokens += 1
-                if req.return_logprob:
+                if req.logprobs.return_logprob:
                     req.output_token_logprobs.append((out.logprobs[i], out.token_ids[i]))
                     req.output_top_logprobs.append(out.top_logprobs[i])
         for req, _ in sampled:

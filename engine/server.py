@@ -5,9 +5,9 @@ never blocks on the model. Lifecycle: listen at once (health answers 503) → lo
 thread → warm up with a 1-token generation → ready. SIGTERM: stop admitting (503), let in-flight
 requests finish within the grace period, exit 0.
 
-Every generation request goes the same way: admit (ready? queue full?) → parse and validate (400s
-before any byte is sent) → engine.generate_stream → shape the outputs (JSON or SSE). A client that
-goes away cancels the handler, which aborts its requests in the engine.
+Every generation request goes the same way: admit (ready? queue full?) → parse, tokenize and validate
+with engine.prepare (400s before any byte is sent) → engine.stream → shape the outputs (JSON or SSE).
+A client that goes away cancels the handler, which aborts its requests in the engine.
 """
 
 from __future__ import annotations
@@ -16,23 +16,22 @@ import asyncio
 import contextlib
 import hmac
 import json
-import signal
 import time
 import uuid
-from dataclasses import dataclass
 from typing import AsyncIterator
 
 import structlog
 from aiohttp import web
 
-from .config import EngineConfig
-from .engine import Engine
+from ..bootstrap import listening
 from ..errors import APIError, bad_request, error_middleware, read_json
+from .engine import Engine, ValidatedRequest
 from .metrics import EngineMetrics
 from .protocol import ChatCompletionRequest, CompletionRequest, GenerateRequest, parse, sampling_params
 from .detokenizer import token_bytes, token_label
-from .request import RequestOutput
+from .request import LogprobRequest, RequestOutput
 from .sampling_params import InvalidParamError, SamplingParams
+from .settings import EngineArgs
 
 log = structlog.get_logger(__name__)
 
@@ -41,22 +40,10 @@ OPEN_PATHS = {"/health", "/health_generate", "/metrics"}
 HEALTH_GENERATE_TIMEOUT = 20.0
 
 
-@dataclass(frozen=True)
-class ServerArgs:
-    engine: EngineConfig
-    host: str = "127.0.0.1"
-    port: int = 30000
-    api_key: str | None = None
-    served_model_name: str | None = None  # default: the --model value
-    max_queued_requests: int = 1024  # beyond max_running_requests; more ⇒ 503 + Retry-After
-    max_request_bytes: int = 16 << 20
-    graceful_shutdown_timeout: float = 30.0
-
-
 class EngineServer:
-    def __init__(self, args: ServerArgs):
+    def __init__(self, args: EngineArgs):
         self.args = args
-        self.served_model_name = args.served_model_name or args.engine.model
+        self.served_model_name = args.served_model_name or args.model
         self.engine: Engine | None = None
         self.state = "loading"  # loading → ready → draining
         self.inflight = 0
@@ -82,7 +69,7 @@ class EngineServer:
     # ---- lifecycle --------------------------------------------------------------------------------
 
     async def load(self) -> None:
-        self.engine = await asyncio.to_thread(Engine, self.args.engine)
+        self.engine = await asyncio.to_thread(Engine, self.args)
         warmup = SamplingParams(max_new_tokens=1, temperature=0)
         async for _ in self.engine.generate_stream("warm up", warmup):
             pass
@@ -105,7 +92,7 @@ class EngineServer:
         """A generation request's slot: refuses while not ready or when the queue is full."""
         if self.state != "ready":
             raise APIError(503, f"the server is {self.state}", code="unavailable", headers={"Retry-After": "5"})
-        limit = self.args.engine.max_running_requests + self.args.max_queued_requests
+        limit = self.args.max_running_requests + self.args.max_queued_requests
         if self.inflight >= limit:
             raise APIError(503, f"too many requests in flight (limit {limit}); retry later", code="queue_full",
                            headers={"Retry-After": "1"})
@@ -136,24 +123,21 @@ class EngineServer:
             raise APIError(404, f"model {model!r} is not served here; available: {self.served_model_name!r}",
                            param="model", code="model_not_found")
 
-    def _prepare(self, prompt: str | list[int], params: SamplingParams, top_logprobs_num: int,
-                 field: str) -> list[int]:
+    def _prepare(self, prompt: str | list[int], params: SamplingParams, logprobs: LogprobRequest,
+                 field: str) -> ValidatedRequest:
         """Tokenize and validate before any response byte is sent, so errors are plain 400s."""
         try:
-            input_ids = self.engine.tokenize(prompt)
-            self.engine.validate(input_ids, params, top_logprobs_num, prompt_field=field)
+            return self.engine.prepare(prompt, params, logprobs, prompt_field=field)
         except InvalidParamError as exc:
-            raise APIError(400, str(exc), param=exc.param, code="context_length_exceeded"
-                           if "limit" in str(exc) else "invalid_value") from None
-        return input_ids
+            raise bad_request(str(exc), exc.param, exc.code) from None
 
-    async def _run(self, jobs: list[tuple[list[int], SamplingParams, dict]]) -> AsyncIterator[tuple[int, RequestOutput]]:
-        """Run several prompts at once; yields (job index, snapshot). Leaving early aborts the rest."""
+    async def _run(self, jobs: list[tuple[ValidatedRequest, str]]) -> AsyncIterator[tuple[int, RequestOutput]]:
+        """Run several (request, rid) jobs at once; yields (job index, snapshot). Leaving early aborts the rest."""
         queue: asyncio.Queue = asyncio.Queue()
 
-        async def pump(index: int, input_ids, params, kwargs):
+        async def pump(index: int, request: ValidatedRequest, rid: str):
             try:
-                async for out in self.engine.generate_stream(input_ids, params, **kwargs):
+                async for out in self.engine.stream(request, rid=rid):
                     await queue.put((index, out))
                     if out.finished:
                         self.metrics.observe(out)
@@ -218,14 +202,12 @@ class EngineServer:
         })
 
     async def server_info(self, request: web.Request) -> web.Response:
+        """The settings in effect (resolved where they were "auto" or left to a default) and live load."""
         self._require_loaded()
-        cfg = self.args.engine
         return web.json_response({
-            "model_path": cfg.model, "served_model_name": self.served_model_name, "device": cfg.device,
-            "max_running_requests": cfg.max_running_requests, "chunked_prefill_size": cfg.chunked_prefill_size,
-            "schedule_policy": cfg.schedule_policy, "disable_radix_cache": cfg.disable_radix_cache,
-            "context_length": self.engine.context_length, "max_queued_requests": self.args.max_queued_requests,
-            "state": self.state, "inflight_requests": self.inflight, **self.engine.load(),
+            **self.args.model_dump(exclude={"api_key"}), **self.engine.resolved_settings,
+            "model_path": self.args.model, "served_model_name": self.served_model_name,
+            "state": self.state, "inflight_requests": self.inflight, **self.engine.live_stats(),
         })
 
     def _require_loaded(self) -> None:
@@ -263,25 +245,26 @@ class EngineServer:
                 raise bad_request("the batch is empty", "text" if req.text is not None else "input_ids")
             count = len(prompts)
             rids = req.per_item("rid", count) if req.rid is not None else [uuid.uuid4().hex for _ in prompts]
+            field = "text" if req.text is not None else "input_ids"
             jobs = []
-            for i, (prompt, sp, rid, lp, start, top) in enumerate(zip(
+            for prompt, sp, rid, lp, start, top in zip(
                     prompts, req.per_item("sampling_params", count), rids, req.per_item("return_logprob", count),
-                    req.per_item("logprob_start_len", count), req.per_item("top_logprobs_num", count))):
-                params = sampling_params(sp)
-                kwargs = dict(rid=rid, return_logprob=lp, logprob_start_len=start, top_logprobs_num=top)
-                field = "text" if req.text is not None else "input_ids"
-                jobs.append((self._prepare(prompt, params, top, field), params, kwargs))
+                    req.per_item("logprob_start_len", count), req.per_item("top_logprobs_num", count)):
+                logprobs = LogprobRequest(return_logprob=lp, logprob_start_len=start, top_logprobs_num=top)
+                jobs.append((self._prepare(prompt, sampling_params(sp), logprobs, field), rid))
             with_text = req.return_text_in_logprobs
-            n_total = sum(job[1].n for job in jobs)
+            n_total = sum(job.params.n for job, _ in jobs)
             as_list = req.is_batch or n_total > 1
+
+            def native(i: int, out: RequestOutput) -> dict:
+                return self._native(out, jobs[i][0].logprobs.return_logprob, with_text)
+
             if req.stream:
                 async def events():
                     async for i, out in self._run(jobs):
-                        event = self._native(out, jobs[i][2]["return_logprob"], with_text)
-                        yield dict(event, index=i) if as_list else event
+                        yield dict(native(i, out), index=i) if as_list else native(i, out)
                 return await self._sse(request, events())
-            results = [self._native(out, jobs[i][2]["return_logprob"], with_text)
-                       async for i, out in self._run(jobs) if out.finished]
+            results = [native(i, out) async for i, out in self._run(jobs) if out.finished]
             return web.json_response(results if as_list else results[0])
 
     def _native(self, out: RequestOutput, return_logprob: bool, with_text: bool) -> dict:
@@ -328,7 +311,7 @@ class EngineServer:
             req = parse(ChatCompletionRequest, body)
             self._check_model(req.model)
             max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-            # No limit given: up to the context, which engine.validate clips to.
+            # No limit given: up to the context, which engine.prepare clips to.
             params = sampling_params(req.sampling_dict(max_tokens if max_tokens is not None
                                                        else self.engine.context_length))
             messages = [{"role": m.role, "content": m.text()} for m in req.messages]
@@ -344,21 +327,19 @@ class EngineServer:
     async def _openai(self, request, req, prompts, params: SamplingParams, top: int | None, chat: bool):
         """Both OpenAI endpoints: one job per prompt; choice index = prompt index * n + sample index."""
         base = req.rid or uuid.uuid4().hex
-        kwargs = dict(return_logprob=top is not None, top_logprobs_num=top or 0)
+        logprobs = LogprobRequest(return_logprob=top is not None, top_logprobs_num=top or 0)
         field = "messages" if chat else "prompt"
-        jobs = [(self._prepare(p, params, top or 0, field), params, dict(kwargs, rid=f"{base}-{i}"))
-                for i, p in enumerate(prompts)]
+        jobs = [(self._prepare(p, params, logprobs, field), f"{base}-{i}") for i, p in enumerate(prompts)]
         object_id = ("chatcmpl-" if chat else "cmpl-") + base
         created = int(time.time())
 
         def choice_index(job: int, out: RequestOutput) -> int:
-            sample = int(out.rid.rsplit("-", 1)[1]) if params.n > 1 else 0
-            return job * params.n + sample
+            return job * params.n + out.sample_index
 
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             return await self._sse(request, self._openai_stream(jobs, chat, object_id, created, choice_index,
-                                                                include_usage))
+                                                                logprobs.return_logprob, include_usage))
         finals: dict[int, tuple[int, RequestOutput]] = {}
         async for job, out in self._run(jobs):
             if out.finished:
@@ -380,14 +361,13 @@ class EngineServer:
         })
 
     async def _openai_stream(self, jobs, chat: bool, object_id: str, created: int, choice_index,
-                             include_usage: bool) -> AsyncIterator[dict]:
+                             with_logprobs: bool, include_usage: bool) -> AsyncIterator[dict]:
         shown_text: dict[int, int] = {}  # per choice: characters and tokens already sent
         shown_tokens: dict[int, int] = {}
         shown_offset: dict[int, int] = {}  # completions logprobs: text_offset continues across chunks
         finals: list[tuple[int, RequestOutput]] = []
         chunk = {"id": object_id, "object": "chat.completion.chunk" if chat else "text_completion",
                  "created": created, "model": self.served_model_name}
-        with_logprobs = jobs[0][2]["return_logprob"]
         async for job, out in self._run(jobs):
             index = choice_index(job, out)
             first = index not in shown_text
@@ -452,27 +432,20 @@ def _usage(finals: list[tuple[int, RequestOutput]]) -> dict:
             "prompt_tokens_details": {"cached_tokens": sum(o.cached_tokens for o in per_prompt.values())}}
 
 
-async def serve(args: ServerArgs) -> int:
+async def run_engine_server(args: EngineArgs) -> int:
+    """Listen at once, load the model in the background; SIGTERM drains, then exits 0."""
     server = EngineServer(args)
-    runner = web.AppRunner(server.app, handler_cancellation=True, access_log=None)
-    await runner.setup()
-    await web.TCPSite(runner, args.host, args.port).start()
-    log.info("server.listening", host=args.host, port=args.port, model=args.engine.model)
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    loading = asyncio.create_task(server.load())
-    stopping = asyncio.create_task(stop.wait())
-    await asyncio.wait({loading, stopping}, return_when=asyncio.FIRST_COMPLETED)
-    if loading.done() and loading.exception() is not None:
-        log.error("server.load_failed", error=str(loading.exception()))
-        await runner.cleanup()
-        return 1
-    await stopping
-    loading.cancel()
-    await server.drain()
-    await runner.cleanup()
+    async with listening(server.app, args.host, args.port) as stop:
+        log.info("server.listening", host=args.host, port=args.port, model=args.model)
+        loading = asyncio.create_task(server.load())
+        stopping = asyncio.create_task(stop.wait())
+        await asyncio.wait({loading, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        if loading.done() and loading.exception() is not None:
+            log.error("server.load_failed", error=str(loading.exception()))
+            return 1
+        await stopping
+        loading.cancel()
+        await server.drain()
     if server.engine is not None:
         server.engine.shutdown()
     log.info("server.stopped")

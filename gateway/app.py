@@ -1,82 +1,91 @@
-"""The gateway's HTTP front: one request path, top to bottom in `proxy`.
+"""The gateway's HTTP front: one request path, top to bottom in `proxy` → `_route` → `_attempt`.
 
-parse just enough (model, the routing text) → choose a worker (policy) → forward the original bytes
-(keep-alive pool) → relay the response bytes as they arrive (SSE passthrough, backpressure through
-`write`) → account load on every ending, in a `finally`. Retries go to another worker, and only
-before the first response byte.
+parse just enough (model, the routing text) → choose a routable worker (policy) → one attempt under a
+lease of that worker's load (taken and released exactly once) → forward the original bytes
+(keep-alive pool) → a JSON answer is read whole, then sent; an event stream is relayed as it arrives
+(SSE passthrough, backpressure through `write`). Retries go to another worker, and only before the
+first byte reaches the client. Worker health is `health.WorkerHealth`: the gateway reports events to it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import json
 import os
 import random
-import signal
 import time
 import uuid
-
+from dataclasses import dataclass
 from typing import Callable
 
 import aiohttp
 import structlog
 from aiohttp import web
 
-from ..errors import APIError, bad_request, error_middleware, read_json
 from pydantic import ValidationError
+
+from ..bootstrap import listening
+from ..errors import APIError, bad_request, error_middleware, read_json
+from ..validation import describe
 
 from .auth import Authenticator, hash_key, presented_key
 from .config import GatewayConfig, WorkerConfig
 from .discovery import DnsDiscovery
+from .health import State, WorkerHealth
 from .metrics import GatewayMetrics
 from .routing_text import RoutingText
-from .policies import RouteRequest, Worker, create_policy
+from .policies import Decision, RouteRequest, Worker, create_policy
 
 log = structlog.get_logger(__name__)
 
 PROXIED = ("/v1/chat/completions", "/v1/completions", "/generate")
 RETRY_STATUSES = {502, 503}
+UPSTREAM_ERRORS = (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, asyncio.TimeoutError)
 
 
 class GatewayWorker(Worker):
-    """A worker as the gateway tracks it: state from probes and failures, and the models it serves."""
+    """A worker as the gateway tracks it: its health, where it came from, and the models it serves."""
 
-    def __init__(self, name: str, url: str, origin: str = "config"):
+    def __init__(self, name: str, url: str, origin: str, health: WorkerHealth):
         super().__init__(name, url)
         self.origin = origin  # "config" (listed), "engine" (supervised), "admin" (added at run time), "dns"
-        self.state = "starting"  # starting → ready ⇄ unhealthy (from probes, failures, the supervisor)
-        self.draining = False  # an operator's decision: no new requests; probes do not change it
         self.models: set[str] = set()
-        self.failures = 0
-        self.successes = 0
-        self.last_progress = time.monotonic()  # last byte relayed from it (for the stall watchdog)
-        self.consecutive_errors = 0  # connect errors and 5xx answers in a row (the circuit breaker)
-        self.open_until = 0.0  # while the breaker is open, no requests, whatever the probes say
+        self.health = health
 
     @property
     def routable(self) -> bool:
-        return self.state == "ready" and not self.draining and time.monotonic() >= self.open_until
+        return self.health.routable
 
-    def set_state(self, state: str, why: str) -> None:
-        if state != self.state:
-            log.info("gateway.worker_state", worker=self.name, old=self.state, new=state, why=why)
-            self.state = state
+
+@dataclass(frozen=True)
+class Outcome:
+    """How one attempt ended: an answer for the client, or a failure that another worker may mend."""
+
+    decision: Decision
+    route: str  # x-sglang-gw-route: the policy's reason, or "retry"
+    status: int | None = None  # the worker's HTTP status; None when it never answered
+    response: web.StreamResponse | None = None  # None: failed before any byte reached the client
+    stream: aiohttp.ClientResponse | None = None  # an event stream still to relay into `response`
+    failure: str = ""  # why the attempt failed (with no response)
+    answered_at: float = 0.0  # perf_counter() when the worker's answer began
+    cached_tokens: int = 0  # prompt tokens the engine reported served from its cache (JSON answers)
 
 
 class Gateway:
     def __init__(self, config: GatewayConfig, seed: int | None = None, supervised: frozenset[str] = frozenset()):
         self.config = config
         # Workers named in `supervised` are the supervisor's engines: a reload or the admin API leaves them be.
-        self.workers = [GatewayWorker(w.name or w.url, w.url, "engine" if (w.name or w.url) in supervised else "config")
-                        for w in config.workers]
+        self.workers = [self._new_worker(w.name or w.url, w.url, "engine" if (w.name or w.url) in supervised
+                                         else "config") for w in config.workers]
         self.policy = create_policy(config.policy.name, seed, **config.policy.options())
         self.auth = Authenticator(config.auth.keys)
         self.metrics = GatewayMetrics()
         self.routing_text = RoutingText()
         self.queued = 0
         self.admitting = True  # False once shutdown begins: new requests get 503
-        # Called with (worker name, why) when probes or the stream watchdog find a ready worker hung;
+        # Called with (worker name, why) when probes or the stall watchdog find a ready worker hung;
         # the supervisor kills and restarts its own engines from here.
         self.on_hung: Callable[[str, str], None] | None = None
         self.discovery: DnsDiscovery | None = None
@@ -126,36 +135,30 @@ class Gateway:
     async def _probe_forever(self) -> None:
         while True:
             await asyncio.sleep(self.config.health.interval)
-            self._watch_stalls()
+            for w in self.workers:  # before the probes: a stalled worker's probe must not re-admit it
+                w.health.check_stall(w.inflight)
             await asyncio.gather(*(self._probe(w) for w in self.workers))
 
-    def _watch_stalls(self) -> None:
-        """A worker with requests in flight but no byte for stall_timeout is suspect: take it out."""
-        now = time.monotonic()
-        for w in self.workers:
-            if w.inflight and now - w.last_progress > self.config.health.stall_timeout:
-                w.successes = 0
-                self._hung(w, f"no bytes for {now - w.last_progress:.1f}s with {w.inflight} in flight")
+    def _hung(self, name: str, why: str) -> None:
+        if self.on_hung is not None:
+            self.on_hung(name, why)
 
-    def _hung(self, worker: GatewayWorker, why: str) -> None:
-        was_ready = worker.state == "ready"
-        worker.set_state("unhealthy", why)
-        if was_ready and self.on_hung is not None:
-            self.on_hung(worker.name, why)
+    def _new_worker(self, name: str, url: str, origin: str) -> GatewayWorker:
+        return GatewayWorker(name, url, origin, WorkerHealth(name, self.config.health, on_hung=self._hung))
 
     # ---- supervisor hooks ---------------------------------------------------------------------------
 
     def worker_exited(self, name: str) -> None:
         """The worker's process died: out of rotation at once, and its cache is gone."""
         worker = self._worker(name)
-        worker.set_state("unhealthy", "process exited")
+        worker.health.exited()
         self.policy.forget(worker)
 
     def worker_restarted(self, name: str) -> None:
         """A new process with an empty cache: forget its prefixes; probes re-admit it once it is up."""
         worker = self._worker(name)
         worker.models.clear()
-        worker.set_state("starting", "process restarted")
+        worker.health.restarted()
         self.policy.forget(worker)
 
     async def worker_ready(self, name: str) -> bool:
@@ -163,18 +166,17 @@ class Gateway:
         worker = self._worker(name)
         worker.models.clear()
         await self._probe(worker, admit=True)
-        return worker.state == "ready"
+        return worker.health.state is State.READY
 
     def set_draining(self, name: str, draining: bool) -> GatewayWorker:
         worker = self._worker(name)
-        worker.draining = draining
-        log.info("gateway.worker_draining" if draining else "gateway.worker_undrained", worker=name)
+        worker.health.drain(draining)
         return worker
 
     def add_worker(self, name: str, url: str, origin: str) -> GatewayWorker:
         if any(w.name == name for w in self.workers):
             raise APIError(409, f"a worker named {name!r} exists", param="name", code="worker_exists")
-        worker = GatewayWorker(name, url, origin)
+        worker = self._new_worker(name, url, origin)
         self.workers.append(worker)
         log.info("gateway.worker_added", worker=name, url=url, origin=origin)
         return worker
@@ -192,6 +194,8 @@ class Gateway:
         """Apply a new config without dropping a request; returns the fields that need a restart."""
         old, self.config = self.config, config
         self.auth.update(config.auth.keys)
+        for w in self.workers:
+            w.health.settings = config.health
         if config.policy != old.policy:
             options = config.policy.options()
             if config.policy.name != old.policy.name or not self.policy.retune(**options):
@@ -238,43 +242,28 @@ class Gateway:
         raise APIError(404, f"no worker named {name!r}", param="name", code="worker_not_found")
 
     async def _probe(self, worker: GatewayWorker, admit: bool = False) -> None:
-        """One /health probe (and /v1/models until known); `admit` readmits on one success."""
-        h = self.config.health
-        timeout = aiohttp.ClientTimeout(total=h.timeout)
+        """One probe, reported to the worker's health; `admit` (the supervisor's word) readmits at once."""
+        if not await self._answers(worker):
+            worker.health.probe_failed()
+        elif admit:
+            worker.health.admit()
+        else:
+            worker.health.probe_ok()
+
+    async def _answers(self, worker: GatewayWorker) -> bool:
+        """/health answers 200 (and /v1/models, until the worker's models are known)."""
+        timeout = aiohttp.ClientTimeout(total=self.config.health.timeout)
         try:
             async with self.session.get(worker.url + "/health", timeout=timeout) as resp:
-                ok = resp.status == 200
-            if ok and not worker.models:
+                if resp.status != 200:
+                    return False
+            if not worker.models:
                 async with self.session.get(worker.url + "/v1/models", timeout=timeout) as resp:
                     worker.models = {m["id"] for m in (await resp.json())["data"]}
                 await self.routing_text.learn(self.session, worker.url, worker.models, timeout)
         except (aiohttp.ClientError, asyncio.TimeoutError, KeyError, ValueError):
-            ok = False
-        if ok:
-            worker.failures, worker.successes = 0, worker.successes + 1
-            if worker.state != "ready" and (admit or worker.successes >= h.success_threshold):
-                worker.set_state("ready", "supervisor" if admit else "probe")
-        else:
-            worker.successes, worker.failures = 0, worker.failures + 1
-            if worker.state == "starting":
-                worker.set_state("unhealthy", "probe")
-            elif worker.failures >= h.failure_threshold:
-                self._hung(worker, f"{worker.failures} failed probes")
-
-    def _eject(self, worker: GatewayWorker, why: str) -> None:
-        """Passive ejection: a connection error takes the worker out until a probe succeeds."""
-        worker.successes = 0
-        worker.set_state("unhealthy", why)
-        self._count_outcome(worker, failed=True)
-
-    def _count_outcome(self, worker: GatewayWorker, failed: bool) -> None:
-        """The circuit breaker: `breaker_threshold` failures in a row open it for `breaker_cooldown` s."""
-        h = self.config.health
-        worker.consecutive_errors = worker.consecutive_errors + 1 if failed else 0
-        if worker.consecutive_errors >= h.breaker_threshold:
-            worker.open_until = time.monotonic() + h.breaker_cooldown
-            worker.consecutive_errors = 0
-            log.warning("gateway.circuit_open", worker=worker.name, seconds=h.breaker_cooldown)
+            return False
+        return True
 
     # ---- the request path ---------------------------------------------------------------------------
 
@@ -295,49 +284,123 @@ class Gateway:
 
     async def _route(self, request: web.Request, request_id: str, body: dict, raw: bytes,
                      started: float) -> web.StreamResponse:
-        candidates = self._candidates(request.path, body)
+        """Attempts until a worker answers: each on a worker not tried yet while there is one."""
+        pool = self._candidates(request.path, body)
         route = RouteRequest(self.routing_text(request.path, body))
-        headers = {"Content-Type": "application/json", "x-request-id": request_id}
-        timeout = aiohttp.ClientTimeout(total=self.config.request_timeout)
+        tried: set[str] = set()
         for attempt in range(self.config.max_retries + 1):
-            decision = self.policy.choose(await self._with_capacity(candidates), route)
-            worker = decision.worker
-            reason = "retry" if attempt else decision.reason
-            self.metrics.decisions.labels(reason).inc()
-            self.metrics.predicted_prefix.inc(decision.matched_bytes)
             if attempt:
-                self.metrics.retries.inc()
-            worker.inflight += 1
-            worker.last_progress = time.monotonic()
-            try:
-                try:
-                    upstream = await self.session.post(worker.url + request.path, data=raw, headers=headers,
-                                                       timeout=timeout)
-                except (aiohttp.ClientConnectionError, asyncio.TimeoutError) as exc:
-                    self._eject(worker, f"connect: {type(exc).__name__}")
-                    upstream = None
-                if upstream is not None:
-                    self._count_outcome(worker, failed=upstream.status >= 500)
-                if upstream is not None and (upstream.status not in RETRY_STATUSES
-                                             or attempt == self.config.max_retries):
-                    self.metrics.ttfb.labels(request.path).observe(time.perf_counter() - started)
-                    self.metrics.requests.labels(request.path, str(upstream.status), worker.name).inc()
-                    resp = await self._relay(request, upstream, worker, reason, retried=attempt > 0,
-                                             request_id=request_id, matched_bytes=decision.matched_bytes)
-                    log.info("gateway.request", request_id=request_id, path=request.path, worker=worker.name,
-                             route=reason, matched_bytes=decision.matched_bytes, status=upstream.status,
-                             seconds=round(time.perf_counter() - started, 4))
-                    return resp
-                if upstream is not None:
-                    upstream.release()
-            finally:
-                worker.inflight -= 1
-                async with self._capacity:
-                    self._capacity.notify()
-            candidates = [w for w in candidates if w is not worker] or candidates
-            await asyncio.sleep(self.config.retry_backoff * (2 ** attempt) * random.uniform(0.5, 1.5))
+                await asyncio.sleep(self.config.retry_backoff * 2 ** (attempt - 1) * random.uniform(0.5, 1.5))
+            decision = await self._choose(pool, tried, route)
+            if decision is None:
+                break
+            async with self._lease(decision.worker):
+                outcome = await self._attempt(request, request_id, raw, decision, attempt)
+                self._record(request, request_id, outcome, started)
+                if outcome.stream is not None:
+                    return await self._relay(request, outcome)
+                if outcome.response is not None:
+                    return outcome.response
+            tried.add(decision.worker.name)
         raise APIError(502, "no worker could take the request", code="upstream_unavailable",
                        headers={"x-should-retry": "false"})
+
+    async def _choose(self, pool: list[GatewayWorker], tried: set[str], route: RouteRequest) -> Decision | None:
+        """The policy's pick among the routable workers below their cap, untried ones first; None: none left."""
+        routable = [w for w in pool if w.routable]
+        untried = [w for w in routable if w.name not in tried] or routable
+        if not untried:
+            return None
+        # Routable again after any wait for capacity: the pick and the lease (which may claim a half-open
+        # breaker's one trial) then see the same picture, with nothing running in between.
+        free = [w for w in await self._with_capacity(untried) if w.routable]
+        return self.policy.choose(free, route) if free else None
+
+    @contextlib.asynccontextmanager
+    async def _lease(self, worker: GatewayWorker):
+        """One attempt's share of the worker's load, until its answer is handed over; released exactly once."""
+        worker.inflight += 1
+        trial = worker.health.request_started()
+        try:
+            yield
+        finally:
+            worker.health.request_ended(trial)
+            worker.inflight -= 1
+            async with self._capacity:
+                self._capacity.notify()
+
+    async def _attempt(self, request: web.Request, request_id: str, raw: bytes, decision: Decision,
+                       attempt: int) -> Outcome:
+        """Forward the request to the chosen worker. A JSON answer is read whole before anything is sent,
+        so a worker failing mid-answer is a failed attempt; an event stream is left to `_relay`."""
+        worker, route = decision.worker, "retry" if attempt else decision.reason
+        try:
+            upstream = await self.session.post(worker.url + request.path, data=raw,
+                                               headers={"Content-Type": "application/json", "x-request-id": request_id},
+                                               timeout=aiohttp.ClientTimeout(total=self.config.request_timeout))
+        except (aiohttp.ClientConnectionError, asyncio.TimeoutError) as exc:
+            why = f"connect: {type(exc).__name__}"
+            worker.health.connect_error(why)
+            return Outcome(decision, route, failure=why)
+        answered_at = time.perf_counter()
+        worker.health.response(upstream.status)
+        if upstream.status in RETRY_STATUSES and attempt < self.config.max_retries:
+            upstream.release()
+            return Outcome(decision, route, upstream.status, failure=f"status {upstream.status}")
+        headers = _answer_headers(upstream, decision, route, request_id)
+        if headers["Content-Type"].startswith("text/event-stream"):
+            return Outcome(decision, route, upstream.status, response=web.StreamResponse(status=upstream.status,
+                                                                                          headers=headers),
+                           stream=upstream, answered_at=answered_at)
+        try:
+            body = await upstream.read()
+        except UPSTREAM_ERRORS as exc:
+            why = f"answer: {type(exc).__name__}"
+            worker.health.stream_failed(why)
+            return Outcome(decision, route, upstream.status, failure=why)
+        finally:
+            upstream.close()
+        worker.health.progress()
+        return Outcome(decision, route, upstream.status,
+                       response=web.Response(status=upstream.status, body=body, headers=headers),
+                       answered_at=answered_at,
+                       cached_tokens=reported_cached_tokens(body) if upstream.status == 200 else 0)
+
+    async def _relay(self, request: web.Request, outcome: Outcome) -> web.StreamResponse:
+        """Pass an event stream through as it arrives; a worker failing mid-stream ends it with an error event."""
+        resp, upstream, worker = outcome.response, outcome.stream, outcome.decision.worker
+        try:
+            await resp.prepare(request)
+            async for chunk in upstream.content.iter_any():
+                worker.health.progress()
+                await resp.write(chunk)
+        except UPSTREAM_ERRORS as exc:
+            worker.health.stream_failed(f"stream: {type(exc).__name__}")
+            error = {"error": {"message": f"upstream {worker.name} failed mid-response", "type": "upstream_error",
+                               "param": None, "code": "upstream_failed"}}
+            await resp.write(b"data: " + json.dumps(error).encode() + b"\n\n")
+        finally:
+            upstream.close()  # on a client disconnect this drops the engine connection: it aborts the request
+        await resp.write_eof()
+        return resp
+
+    def _record(self, request: web.Request, request_id: str, outcome: Outcome, started: float) -> None:
+        """Every attempt's metrics and log line, from its outcome (a stream's once its first byte is in)."""
+        m, worker = self.metrics, outcome.decision.worker
+        m.decisions.labels(outcome.route).inc()
+        m.predicted_prefix.inc(outcome.decision.matched_bytes)
+        if outcome.route == "retry":
+            m.retries.inc()
+        fields = dict(request_id=request_id, path=request.path, worker=worker.name, route=outcome.route,
+                      matched_bytes=outcome.decision.matched_bytes, status=outcome.status,
+                      seconds=round(time.perf_counter() - started, 4))
+        if outcome.response is None:
+            log.info("gateway.attempt_failed", why=outcome.failure, **fields)
+            return
+        m.ttfb.labels(request.path).observe(outcome.answered_at - started)
+        m.requests.labels(request.path, str(outcome.status), worker.name).inc()
+        m.reported_cached.inc(outcome.cached_tokens)
+        log.info("gateway.request", **fields)
 
     async def _with_capacity(self, candidates: list[GatewayWorker]) -> list[GatewayWorker]:
         """The candidates below the per-worker cap, waiting in the bounded queue while there are none."""
@@ -375,36 +438,6 @@ class Gateway:
             raise APIError(503, "no worker is ready", code="no_ready_worker", headers={"Retry-After": "2"})
         return ready
 
-    async def _relay(self, request: web.Request, upstream: aiohttp.ClientResponse, worker: GatewayWorker,
-                     reason: str, retried: bool, request_id: str, matched_bytes: int) -> web.StreamResponse:
-        """Pass the upstream response through as bytes; a broken upstream stream ends with an error event."""
-        headers = {"Content-Type": upstream.headers.get("Content-Type", "application/json"),
-                   "x-sglang-gw-worker": worker.name, "x-sglang-gw-route": reason, "x-request-id": request_id,
-                   "x-sglang-gw-matched-bytes": str(matched_bytes)}
-        if retried:
-            headers["x-should-retry"] = "false"  # we already failed over: the SDK must not multiply retries
-        resp = web.StreamResponse(status=upstream.status, headers=headers)
-        await resp.prepare(request)
-        # A JSON (non-streamed) answer is small: keep a copy to read the cached tokens the engine reports.
-        kept = [] if headers["Content-Type"].startswith("application/json") else None
-        try:
-            async for chunk in upstream.content.iter_any():
-                worker.last_progress = time.monotonic()
-                await resp.write(chunk)
-                if kept is not None:
-                    kept.append(chunk)
-        except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, asyncio.TimeoutError) as exc:
-            self._eject(worker, f"stream: {type(exc).__name__}")
-            error = {"error": {"message": f"upstream {worker.name} failed mid-response", "type": "upstream_error",
-                               "param": None, "code": "upstream_failed"}}
-            await resp.write(b"data: " + json.dumps(error).encode() + b"\n\n")
-        finally:
-            upstream.close()  # on a client disconnect this drops the engine connection: it aborts the request
-        await resp.write_eof()
-        if kept is not None and upstream.status == 200:
-            self.metrics.reported_cached.inc(reported_cached_tokens(b"".join(kept)))
-        return resp
-
     # ---- the gateway's own endpoints --------------------------------------------------------------
 
     async def models(self, request: web.Request) -> web.Response:
@@ -438,11 +471,10 @@ class Gateway:
 
     def _workers_response(self) -> web.Response:
         return web.json_response({"workers": [
-            {"name": w.name, "url": w.url, "origin": w.origin, "state": w.state, "draining": w.draining,
-             "inflight": w.inflight, "models": sorted(w.models),
-             "prefix_bytes": self.policy.tracked_bytes(w)}
+            {"name": w.name, "url": w.url, "origin": w.origin, "state": w.health.state.value,
+             "breaker": w.health.breaker.value, "draining": w.health.draining, "inflight": w.inflight,
+             "models": sorted(w.models), "prefix_bytes": self.policy.tracked_bytes(w)}
             for w in self.workers]})
-
 
     # ---- admin API (behind the admin key) -----------------------------------------------------------
 
@@ -466,11 +498,11 @@ class Gateway:
         try:
             spec = WorkerConfig.model_validate(body)
         except ValidationError as exc:
-            err = exc.errors()[0]
-            raise bad_request(f"{'.'.join(map(str, err['loc']))}: {err['msg']}", str(err["loc"][0])) from None
+            param, why = describe(exc)
+            raise bad_request(f"{param}: {why}" if param else why, param) from None
         worker = self.add_worker(spec.name or spec.url, spec.url, "admin")
         await self._probe(worker)
-        return web.json_response({"name": worker.name, "state": worker.state}, status=201)
+        return web.json_response({"name": worker.name, "state": worker.health.state.value}, status=201)
 
     async def admin_remove_worker(self, request: web.Request) -> web.Response:
         self.require_admin(request)
@@ -483,7 +515,17 @@ class Gateway:
     async def admin_drain(self, request: web.Request) -> web.Response:
         self.require_admin(request)
         worker = self.set_draining(request.match_info["name"], request.path.endswith("/drain"))
-        return web.json_response({"name": worker.name, "draining": worker.draining, "inflight": worker.inflight})
+        return web.json_response({"name": worker.name, "draining": worker.health.draining,
+                                  "inflight": worker.inflight})
+
+
+def _answer_headers(upstream: aiohttp.ClientResponse, decision: Decision, route: str, request_id: str) -> dict:
+    headers = {"Content-Type": upstream.headers.get("Content-Type", "application/json"),
+               "x-sglang-gw-worker": decision.worker.name, "x-sglang-gw-route": route, "x-request-id": request_id,
+               "x-sglang-gw-matched-bytes": str(decision.matched_bytes)}
+    if route == "retry":
+        headers["x-should-retry"] = "false"  # we already failed over: the SDK must not multiply retries
+    return headers
 
 
 def reported_cached_tokens(body: bytes) -> int:
@@ -503,17 +545,11 @@ def reported_cached_tokens(body: bytes) -> int:
     return total
 
 
-async def serve(config: GatewayConfig) -> int:
+async def run_gateway(config: GatewayConfig) -> int:
+    """The gateway alone, in front of the workers its config lists; until SIGTERM/SIGINT."""
     gateway = Gateway(config)
-    runner = web.AppRunner(gateway.app, handler_cancellation=True, access_log=None)
-    await runner.setup()
-    await web.TCPSite(runner, config.host, config.port).start()
-    log.info("gateway.listening", host=config.host, port=config.port, policy=config.policy.name,
-             workers=[w.url for w in config.workers])
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-    await runner.cleanup()
+    async with listening(gateway.app, config.host, config.port) as stop:
+        log.info("gateway.listening", host=config.host, port=config.port, policy=config.policy.name,
+                 workers=[w.url for w in config.workers])
+        await stop.wait()
     return 0

@@ -67,10 +67,6 @@ class Authenticator:
             fresh.append(state)
         self.keys = fresh
 
-    @property
-    def enabled(self) -> bool:
-        return bool(self.keys)
-
     def identify(self, request: web.Request) -> KeyState | None:
         """The key's state, or 401. None when no keys are configured (the gateway is open)."""
         if not self.keys:

@@ -5,16 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (Field, ValidationInfo, field_validator,
+                      model_serializer, model_validator)
 
+from ..validation import ConfigError, Strict, read_yaml, validate
 from .policies import POLICIES
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class WorkerConfig(_Strict):
+class WorkerConfig(Strict):
     url: str
     name: str | None = None  # default: the URL
 
@@ -26,8 +24,10 @@ class WorkerConfig(_Strict):
         return url.rstrip("/")
 
 
-class PolicyConfig(_Strict):
+class PolicyConfig(Strict):
     name: str = "prefix_affinity"
+    # The options of the policies that take them (each policy's keyword-only arguments); one set for
+    # a policy that does not take it is refused rather than silently ignored.
     block_size: int = Field(64, ge=1)
     max_bytes_per_worker: int = Field(64 << 20, ge=1)
     min_match_ratio: float = Field(0.3, ge=0, le=1)
@@ -40,23 +40,40 @@ class PolicyConfig(_Strict):
             raise ValueError(f"unknown routing policy; choose one of {sorted(POLICIES)}")
         return name
 
+    @field_validator("*")
+    @classmethod
+    def _taken_by_the_policy(cls, value, info: ValidationInfo):
+        policy = POLICIES.get(info.data.get("name"))  # fields validate in order: `name` is first
+        if info.field_name != "name" and policy is not None and info.field_name not in policy.option_names():
+            users = sorted(name for name, p in POLICIES.items() if info.field_name in p.option_names())
+            raise ValueError(f"only used by {', '.join(users)}")
+        return value
+
+    @model_serializer(mode="wrap")
+    def _without_unused_options(self, dump) -> dict:
+        # The effective config (`check-config`) must load again: leave out what the policy refuses.
+        return {k: v for k, v in dump(self).items() if k == "name" or k in self._option_names()}
+
+    def _option_names(self) -> frozenset[str]:
+        return POLICIES[self.name].option_names()
+
     def options(self) -> dict:
-        if self.name != "prefix_affinity":
-            return {}
-        return self.model_dump(exclude={"name"})
+        """The policy's keyword arguments (create_policy, retune)."""
+        return self.model_dump(include=set(self._option_names()))
 
 
-class HealthConfig(_Strict):
+class HealthConfig(Strict):
     interval: float = Field(5.0, gt=0)  # seconds between /health probes of each worker
     timeout: float = Field(2.0, gt=0)
-    failure_threshold: int = Field(2, ge=1)  # consecutive failures ⇒ unhealthy
-    success_threshold: int = Field(1, ge=1)  # consecutive successes ⇒ ready again
+    # What each setting does to a worker: see health.py.
+    failure_threshold: int = Field(2, ge=1)  # consecutive failed probes ⇒ unhealthy
+    success_threshold: int = Field(1, ge=1)  # consecutive successful probes ⇒ ready again
     stall_timeout: float = Field(60.0, gt=0)  # in-flight requests but no byte for this long ⇒ unhealthy
-    breaker_threshold: int = Field(5, ge=1)  # connect errors / 5xx in a row that open a worker's circuit
-    breaker_cooldown: float = Field(30.0, gt=0)  # seconds an open circuit keeps the worker out
+    breaker_threshold: int = Field(5, ge=1)  # connect errors / 5xx / broken answers in a row that open the circuit
+    breaker_cooldown: float = Field(30.0, gt=0)  # seconds an open circuit keeps the worker out before one trial
 
 
-class ApiKeyConfig(_Strict):
+class ApiKeyConfig(Strict):
     name: str
     hash: str  # "sha256:<hex>", as printed by `sglang-gw key create`; the key itself is never stored
     rpm: int | None = Field(None, ge=1)  # requests per minute
@@ -72,14 +89,14 @@ class ApiKeyConfig(_Strict):
         return value
 
 
-class AuthConfig(_Strict):
+class AuthConfig(Strict):
     keys: list[ApiKeyConfig] = []
     keys_file: str | None = None  # a YAML list of keys in the same shape, added to `keys`
     open_health: bool = True  # /health and /ready without a key
     open_metrics: bool = True  # /metrics without a key
 
 
-class AdminConfig(_Strict):
+class AdminConfig(Strict):
     key_hash: str | None = None  # "sha256:<hex>" of the admin key; None disables the admin API
 
     @field_validator("key_hash")
@@ -88,7 +105,7 @@ class AdminConfig(_Strict):
         return None if value is None else ApiKeyConfig._sha256(value)
 
 
-class DiscoveryConfig(_Strict):
+class DiscoveryConfig(Strict):
     """Workers found in DNS: every address of `dns` (e.g. a Kubernetes headless Service) is a worker."""
 
     dns: str  # a host name whose A/AAAA records are the engines
@@ -98,7 +115,7 @@ class DiscoveryConfig(_Strict):
     family: str = Field("any", pattern="^(any|ipv4|ipv6)$")
 
 
-class GatewaySettings(_Strict):
+class GatewaySettings(Strict):
     """Everything about the gateway but its worker list (in `serve`, the supervisor supplies that)."""
 
     host: str = "127.0.0.1"
@@ -131,20 +148,6 @@ class GatewayConfig(GatewaySettings):
         return self
 
 
-class ConfigError(ValueError):
-    pass
-
-
-def read_yaml(path: str | Path) -> dict:
-    try:
-        raw = yaml.safe_load(Path(path).read_text())
-    except (OSError, yaml.YAMLError) as exc:
-        raise ConfigError(f"{path}: {exc}") from None
-    if raw is not None and not isinstance(raw, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping")
-    return raw or {}
-
-
 def merge_keys_file(path: str | Path, auth: dict | None, field: str = "auth") -> dict | None:
     """`auth` with the keys of its `keys_file` (a YAML list, relative to the config file) appended."""
     if not isinstance(auth, dict) or auth.get("keys_file") is None:
@@ -167,15 +170,3 @@ def load_config(path: str | Path) -> GatewayConfig:
 
 def parse_config(raw: dict, source: str = "config") -> GatewayConfig:
     return validate(GatewayConfig, raw, source)
-
-
-def validate(model: type[BaseModel], raw: dict, source: str):
-    """`model` from `raw`, or ConfigError("source: field.path: reason") naming the first bad field."""
-    try:
-        return model.model_validate(raw)
-    except ValidationError as exc:
-        err = exc.errors()[0]
-        why = err["msg"].removeprefix("Value error, ")
-        field = ".".join(str(p) for p in err["loc"])
-        # Cross-field checks (model validators) have no location: their message starts with the field.
-        raise ConfigError(f"{source}: {field}: {why}" if field else f"{source}: {why}") from None

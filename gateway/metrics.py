@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from .health import Breaker, State
+
 _BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
-WORKER_STATES = ("starting", "ready", "unhealthy")
 
 
 class GatewayMetrics:
@@ -27,13 +28,18 @@ class GatewayMetrics:
                                        "cached prompt tokens the engines reported (non-streamed answers)", registry=r)
         self.worker_state = Gauge("sglang_gw_worker_state", "1 for the worker's current state", ["worker", "state"],
                                   registry=r)
+        self.worker_breaker = Gauge("sglang_gw_worker_breaker", "1 for the state of the worker's circuit breaker",
+                                    ["worker", "state"], registry=r)
         self.prefix_index_bytes = Gauge("sglang_gw_prefix_index_bytes", "text bytes tracked per worker",
                                         ["worker"], registry=r)
 
     def render(self, workers, policy) -> bytes:
         for w in workers:
             self.inflight.labels(w.name).set(w.inflight)
-            for state in WORKER_STATES:
-                self.worker_state.labels(w.name, state).set(1 if w.state == state else 0)
+            for state in State:
+                self.worker_state.labels(w.name, state.value).set(1 if w.health.state is state else 0)
+            breaker = w.health.breaker
+            for state in Breaker:
+                self.worker_breaker.labels(w.name, state.value).set(1 if breaker is state else 0)
             self.prefix_index_bytes.labels(w.name).set(policy.tracked_bytes(w))
         return generate_latest(self.registry)

@@ -1,39 +1,33 @@
 """The text a request's prefix is matched on: what the engine will actually see, where we can tell.
 
-For chat, that is the messages rendered with the model's chat template. The gateway learns each
-model's tokenizer from a worker's `/get_model_info` and loads it when that path exists on this host
-(the usual single-machine setup); otherwise it falls back to role-tagged message contents, which
-still keep one conversation's turns sharing a prefix.
+For chat, that is the messages rendered with the model's chat template. The gateway learns where
+each model's tokenizer lives from a worker's `/get_model_info` and reads its template when that path
+exists on this host (the usual single-machine setup); otherwise it falls back to role-tagged message
+contents, which still keep one conversation's turns sharing a prefix.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-import threading
 from pathlib import Path
 
 import aiohttp
 import structlog
 
+from .chat_template import ChatTemplate, load_chat_template
+
 log = structlog.get_logger(__name__)
 
 
-_load_lock = threading.Lock()  # probes of several workers may learn at once; import transformers once
-
-
-def _load_tokenizer(path: str):
+def _load_template(path: str) -> ChatTemplate | None:
     if not path or not Path(path).is_dir():
         return None
     try:
-        from transformers import AutoTokenizer  # only when a template can actually be used
-
-        with _load_lock:
-            tokenizer = AutoTokenizer.from_pretrained(path)
-    except Exception as exc:  # noqa: BLE001 — a broken tokenizer only costs routing precision
-        log.warning("gateway.tokenizer_unavailable", path=path, error=str(exc))
+        return load_chat_template(path)
+    except Exception as exc:  # noqa: BLE001 — a broken template only costs routing precision
+        log.warning("gateway.chat_template_unavailable", path=path, error=str(exc))
         return None
-    return tokenizer if tokenizer.chat_template else None
 
 
 def _content(message: dict) -> str:
@@ -45,10 +39,10 @@ def _content(message: dict) -> str:
 
 class RoutingText:
     def __init__(self):
-        self._templates: dict[str, object | None] = {}  # model → tokenizer with a chat template, or None
+        self._templates: dict[str, ChatTemplate | None] = {}  # model → its chat template, or None
 
-    def add_tokenizer(self, model: str, path: str) -> None:
-        self._templates[model] = _load_tokenizer(path)
+    def add_template(self, model: str, path: str) -> None:
+        self._templates[model] = _load_template(path)
 
     async def learn(self, session: aiohttp.ClientSession, url: str, models: set[str],
                     timeout: aiohttp.ClientTimeout) -> None:
@@ -63,18 +57,16 @@ class RoutingText:
             info = {}  # not an sglang-gw / SGLang engine: role-tagged text it is
         path = str(info.get("tokenizer_path") or info.get("model_path") or "")
         for model in new:
-            await asyncio.to_thread(self.add_tokenizer, model, path)
+            await asyncio.to_thread(self.add_template, model, path)
             log.info("gateway.routing_text", model=model, chat_template=self._templates[model] is not None)
 
     def __call__(self, path: str, body: dict) -> str:
         if path == "/v1/chat/completions":
             messages = [m for m in body.get("messages") or [] if isinstance(m, dict)]
-            tokenizer = self._templates.get(body.get("model"))
-            if tokenizer is not None:
+            template = self._templates.get(body.get("model"))
+            if template is not None:
                 try:
-                    return tokenizer.apply_chat_template(
-                        [{"role": m.get("role"), "content": _content(m)} for m in messages],
-                        tokenize=False, add_generation_prompt=True)
+                    return template.render([{"role": m.get("role"), "content": _content(m)} for m in messages])
                 except Exception:  # noqa: BLE001 — the engine will reject it; route it anywhere sane
                     pass
             return "".join(f"<{m.get('role')}>{_content(m)}\n" for m in messages)

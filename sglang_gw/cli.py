@@ -9,6 +9,8 @@ import sys
 
 import structlog
 
+from sglang_gw.validation import ConfigError, validate
+
 
 def configure_logging(level: str = "info", fmt: str = "auto") -> None:
     if fmt == "auto":
@@ -42,13 +44,13 @@ def _cmd_model_list(args) -> int:
 
 
 def _cmd_generate(args) -> int:
-    from sglang_gw.engine import Engine, EngineConfig, InvalidParamError, SamplingParams
+    from sglang_gw.engine import Engine, InvalidParamError, SamplingParams
     from sglang_gw.engine.models.builtin import ModelNotFoundError
+    from sglang_gw.engine.settings import EngineConfig
 
     try:
-        engine = Engine(EngineConfig(model=args.model, device=args.device, dtype=args.dtype,
-                                     num_threads=args.threads))
-    except (ModelNotFoundError, ValueError) as exc:
+        engine = Engine(_settings(args, EngineConfig, "sglang-gw generate"))
+    except (ModelNotFoundError, ConfigError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     prompt = args.prompt if args.raw else engine.apply_chat_template([{"role": "user", "content": args.prompt}])
@@ -72,53 +74,52 @@ def _cmd_generate(args) -> int:
     return 0
 
 
+def _settings(args: argparse.Namespace, model, source: str):
+    """The engine settings given on the command line, validated by the engine's own declaration."""
+    from sglang_gw.engine.settings import given_flags
+
+    return validate(model, given_flags(args, model), source)
+
+
 def _cmd_engine(args) -> int:
     import os
 
     import uvloop
 
-    from sglang_gw.engine.config import EngineConfig
     from sglang_gw.engine.models.builtin import ModelNotFoundError, resolve_model_path
-    from sglang_gw.engine.server import ServerArgs, serve
+    from sglang_gw.engine.server import run_engine_server
+    from sglang_gw.engine.settings import EngineArgs
 
+    if getattr(args, "api_key", None) is None and os.environ.get("SGLANG_GW_API_KEY"):
+        args.api_key = os.environ["SGLANG_GW_API_KEY"]
     try:
-        config = EngineConfig(
-            model=args.model, device=args.device, dtype=args.dtype, max_total_tokens=args.max_total_tokens,
-            kv_cache_bytes=int(args.kv_cache_gib * (1 << 30)), mem_fraction_static=args.mem_fraction_static,
-            context_length=args.context_length, max_running_requests=args.max_running_requests,
-            chunked_prefill_size=args.chunked_prefill_size, schedule_policy=args.schedule_policy,
-            disable_radix_cache=args.disable_radix_cache, attention_backend=args.attention_backend,
-            num_threads=args.num_threads,
-        )
-        resolve_model_path(config.model)  # fail before binding the port: a missing model is fatal
-    except (ValueError, ModelNotFoundError) as exc:
+        settings = _settings(args, EngineArgs, "sglang-gw engine")
+        resolve_model_path(settings.model)  # fail before binding the port: a missing model is fatal
+    except (ConfigError, ModelNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    server_args = ServerArgs(
-        engine=config, host=args.host, port=args.port, api_key=args.api_key or os.environ.get("SGLANG_GW_API_KEY"),
-        served_model_name=args.served_model_name, max_queued_requests=args.max_queued_requests,
-        max_request_bytes=args.max_request_bytes, graceful_shutdown_timeout=args.graceful_shutdown_timeout,
-    )
-    return uvloop.run(serve(server_args))
+    return uvloop.run(run_engine_server(settings))
 
 
 def _cmd_gateway(args) -> int:
     import uvloop
 
-    from sglang_gw.gateway.app import serve
-    from sglang_gw.gateway.config import ConfigError, load_config
+    from sglang_gw.gateway.app import run_gateway
+    from sglang_gw.gateway.config import load_config
 
     try:
         config = load_config(args.config)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    return uvloop.run(serve(config))
+    return uvloop.run(run_gateway(config))
 
 
 def _cmd_serve(args) -> int:
-    from sglang_gw.config import ConfigError, load_serve_config
-    from sglang_gw.supervisor.serve import serve
+    import uvloop
+
+    from sglang_gw.config import load_serve_config
+    from sglang_gw.supervisor.serve import run_serve
 
     path = args.config or _default_config()
     try:  # an invalid config exits 2 before anything starts
@@ -127,7 +128,7 @@ def _cmd_serve(args) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     configure_logging("debug" if args.verbose else config.logging.level, config.logging.format)
-    return serve(config, path, args.set)
+    return uvloop.run(run_serve(config, path, args.set))
 
 
 def _default_config() -> str:
@@ -139,7 +140,7 @@ def _default_config() -> str:
 def _cmd_check_config(args) -> int:
     import yaml
 
-    from sglang_gw.config import ConfigError, load_serve_config
+    from sglang_gw.config import load_serve_config
 
     try:
         config = load_serve_config(args.config, args.set)
@@ -188,39 +189,8 @@ def _cmd_key_create(args) -> int:
     return 0
 
 
-def add_engine_args(p: argparse.ArgumentParser) -> None:
-    from sglang_gw.engine.config import DEFAULT_MODEL, EngineConfig
-
-    d = EngineConfig.__dataclass_fields__
-    p.add_argument("--model", default=DEFAULT_MODEL, help="an embedded model id or an HF model directory")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=30000)
-    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
-    p.add_argument("--dtype", default="auto", help="auto (float32 on CPU, bfloat16 on CUDA), float32, bfloat16, float16")
-    p.add_argument("--mem-fraction-static", type=float, default=d["mem_fraction_static"].default,
-                   help="CUDA: fraction of GPU memory for weights + KV cache")
-    p.add_argument("--kv-cache-gib", type=float, default=1.0, help="CPU: KV cache budget in GiB")
-    p.add_argument("--max-total-tokens", type=int, default=None, help="KV cache size in tokens (overrides budgets)")
-    p.add_argument("--context-length", type=int, default=None)
-    p.add_argument("--max-running-requests", type=int, default=d["max_running_requests"].default)
-    p.add_argument("--chunked-prefill-size", type=int, default=d["chunked_prefill_size"].default)
-    p.add_argument("--schedule-policy", default="fcfs", choices=["fcfs", "lpm"])
-    p.add_argument("--disable-radix-cache", action="store_true")
-    p.add_argument("--attention-backend", default="auto", help="auto, torch or cpu")
-    p.add_argument("--num-threads", type=int, default=None, help="torch threads (split the cores between engines)")
-    p.add_argument("--api-key", default=None, help="require this key (also $SGLANG_GW_API_KEY)")
-    p.add_argument("--served-model-name", default=None, help="the model id clients send (default: --model)")
-    p.add_argument("--max-queued-requests", type=int, default=1024,
-                   help="requests beyond --max-running-requests that may wait; more get 503")
-    p.add_argument("--max-request-bytes", type=int, default=16 << 20, help="larger bodies get 413")
-    p.add_argument("--graceful-shutdown-timeout", type=float, default=30.0,
-                   help="seconds in-flight requests get to finish after SIGTERM")
-    p.add_argument("--log-format", default="auto", choices=["auto", "json", "console"])
-    p.set_defaults(func=_cmd_engine)
-
-
 def build_parser() -> argparse.ArgumentParser:
-    from sglang_gw.engine.config import DEFAULT_MODEL
+    from sglang_gw.engine.settings import DEFAULT_MODEL, EngineArgs, EngineConfig, add_flags
 
     parser = argparse.ArgumentParser(prog="sglang-gw", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logs")
@@ -233,7 +203,9 @@ def build_parser() -> argparse.ArgumentParser:
     imp.set_defaults(func=_cmd_model_import)
     model.add_parser("list", help="list embedded model ids").set_defaults(func=_cmd_model_list)
 
-    add_engine_args(sub.add_parser("engine", help="serve one engine over HTTP (SGLang native + OpenAI API)"))
+    engine = sub.add_parser("engine", help="serve one engine over HTTP (SGLang native + OpenAI API)")
+    add_flags(engine, EngineArgs)
+    engine.set_defaults(func=_cmd_engine)
 
     serve = sub.add_parser("serve", help="supervisor + gateway + engines from one config file")
     serve.add_argument("config", nargs="?", default=None,
@@ -269,14 +241,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     gen = sub.add_parser("generate", help="generate once from a prompt with the offline engine")
     gen.add_argument("prompt")
-    gen.add_argument("--model", default=DEFAULT_MODEL, help="an embedded model id or an HF model directory")
     gen.add_argument("--raw", action="store_true", help="do not wrap the prompt in the chat template")
     gen.add_argument("--max-new-tokens", type=int, default=128)
     gen.add_argument("--temperature", type=float, default=0.0)
     gen.add_argument("--seed", type=int, default=None)
-    gen.add_argument("--device", default="cpu")
-    gen.add_argument("--dtype", default="auto")
-    gen.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    add_flags(gen, EngineConfig)
     gen.set_defaults(func=_cmd_generate)
     return parser
 

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 
 import structlog
 
-from ..config import ServeConfig, local_engine_names
-from ..config.schema import visible_gpus
+from ..config import ServeConfig, local_engine_names, visible_gpus
+from ..engine.settings import EngineArgs, to_flags
 from .lifeline import PARENT_ENV
 
 log = structlog.get_logger(__name__)
@@ -30,6 +30,7 @@ LOG_LEVELS = {"debug", "info", "warning", "error", "critical"}
 class EngineSpec:
     name: str  # engine-<index>, numbered across the config's engine groups
     url: str  # where the gateway reaches it
+    settings: EngineArgs  # what the engine runs with; argv carries exactly these
     argv: tuple[str, ...]
     env: tuple[tuple[str, str], ...]  # set on top of the supervisor's environment
     gpu: str | None
@@ -44,28 +45,19 @@ def plan_engines(config: ServeConfig, cores: int | None = None) -> list[EngineSp
         group = config.engines[g]
         gpus = visible_gpus() if group.gpus == "all" else group.gpus
         gpu = str(gpus[i]) if gpus is not None else (str(i) if group.device == "cuda" else None)
-        threads = group.num_threads or share
-        port = group.base_port + i
-        args = ["--model", group.model, "--host", group.host, "--port", str(port), "--device", group.device,
-                "--num-threads", str(threads), "--log-format", "json", "--dtype", group.dtype,
-                "--kv-cache-gib", str(group.kv_cache_gib), "--mem-fraction-static", str(group.mem_fraction_static),
-                "--max-running-requests", str(group.max_running_requests),
-                "--chunked-prefill-size", str(group.chunked_prefill_size), "--schedule-policy", group.schedule_policy,
-                "--attention-backend", group.attention_backend]
-        for flag, value in (("--served-model-name", group.served_model_name), ("--context-length", group.context_length),
-                            ("--max-total-tokens", group.max_total_tokens)):
-            if value is not None:
-                args += [flag, str(value)]
-        if group.disable_radix_cache:
-            args.append("--disable-radix-cache")
-        env = {"OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1", "SGLANG_GW_ENGINE_NAME": name}
+        settings = group.engine_args(port=group.base_port + i, num_threads=group.num_threads or share)
+        env = {"OMP_NUM_THREADS": str(settings.num_threads), "PYTHONUNBUFFERED": "1", "SGLANG_GW_ENGINE_NAME": name}
         if gpu is not None:
             env["CUDA_VISIBLE_DEVICES"] = gpu
-        host = "127.0.0.1" if group.host in ("0.0.0.0", "::", "") else group.host
-        specs.append(EngineSpec(name, f"http://{host}:{port}",
-                                (sys.executable, "-m", "sglang_gw", "engine", *args, *group.extra_args),
+        specs.append(EngineSpec(name, f"http://{loopback(settings.host)}:{settings.port}", settings,
+                                (sys.executable, "-m", "sglang_gw", "engine", *to_flags(settings)),
                                 tuple(sorted(env.items())), gpu))
     return specs
+
+
+def loopback(host: str) -> str:
+    """Where this host reaches a server listening on `host` (a wildcard address is reached over loopback)."""
+    return "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
 
 
 async def spawn(spec: EngineSpec) -> asyncio.subprocess.Process:

@@ -14,19 +14,19 @@ import signal
 import time
 
 import structlog
-from aiohttp import web
 
+from ..bootstrap import listening
 from ..config import ConfigError, ServeConfig, load_serve_config
 from ..gateway.app import Gateway
 from ..gateway.config import WorkerConfig
 from . import sd_notify
-from .engines import EngineSpec, plan_engines
+from .engines import EngineSpec, loopback, plan_engines
 from .supervisor import Supervisor
 
 log = structlog.get_logger(__name__)
 
 
-class Server:
+class ServeRuntime:
     def __init__(self, config: ServeConfig, path: str, overrides: list[str]):
         self.path, self.overrides = path, overrides
         self.config = config
@@ -46,31 +46,25 @@ class Server:
     @property
     def address(self) -> str:
         host, port = self.listen
-        return f"http://{'127.0.0.1' if host in ('0.0.0.0', '::', '') else host}:{port}"
+        return f"http://{loopback(host)}:{port}"
 
     async def run(self) -> int:
-        runner = web.AppRunner(self.gateway.app, handler_cancellation=True, access_log=None)
-        await runner.setup()
-        await web.TCPSite(runner, *self.listen).start()
-        self._print_banner()
-        self.supervisor.start()
-        loop = asyncio.get_running_loop()
-        stop = asyncio.Event()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        loop.add_signal_handler(signal.SIGHUP, self.reload)
-        watch = asyncio.create_task(self._watch())
-        await stop.wait()
+        async with listening(self.gateway.app, *self.listen) as stop:
+            self._print_banner()
+            self.supervisor.start()
+            asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, self.reload)
+            watch = asyncio.create_task(self._watch())
+            await stop.wait()
 
-        log.info("serve.stopping", inflight=self.gateway.inflight, grace_s=self.config.supervisor.shutdown_grace)
-        sd_notify.notify("STOPPING=1", "STATUS=stopping: finishing in-flight requests")
-        self.gateway.stop_admitting()
-        deadline = time.monotonic() + self.config.supervisor.shutdown_grace
-        while self.gateway.inflight and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
-        if self.gateway.inflight:
-            log.warning("serve.grace_expired", inflight=self.gateway.inflight)
-        await runner.cleanup()
+            log.info("serve.stopping", inflight=self.gateway.inflight,
+                     grace_s=self.config.supervisor.shutdown_grace)
+            sd_notify.notify("STOPPING=1", "STATUS=stopping: finishing in-flight requests")
+            self.gateway.stop_admitting()
+            deadline = time.monotonic() + self.config.supervisor.shutdown_grace
+            while self.gateway.inflight and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            if self.gateway.inflight:
+                log.warning("serve.grace_expired", inflight=self.gateway.inflight)
         await self.supervisor.stop()
         watch.cancel()
         log.info("serve.stopped")
@@ -132,8 +126,6 @@ class Server:
               f"  status:     curl {self.address}/workers ; curl {self.address}/engines", flush=True)
 
 
-def serve(config: ServeConfig, path: str, overrides: list[str]) -> int:
+async def run_serve(config: ServeConfig, path: str, overrides: list[str]) -> int:
     """Run until SIGTERM/SIGINT; `path` and `overrides` are read again on SIGHUP."""
-    import uvloop
-
-    return uvloop.run(Server(config, path, overrides).run())
+    return await ServeRuntime(config, path, overrides).run()

@@ -21,7 +21,6 @@ import asyncio
 import signal
 import time
 from collections import deque
-from typing import Callable
 
 import aiohttp
 import structlog
@@ -58,7 +57,6 @@ class Supervisor:
         self.gateway = gateway
         self.slots = {s.name: EngineSlot(s) for s in specs}
         self.stopping = False
-        self.on_change: Callable[[], None] = lambda: None
         self._stopped = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
         self._rolling: asyncio.Task | None = None
@@ -79,7 +77,8 @@ class Supervisor:
     # ---- the loop of one slot -----------------------------------------------------------------------
 
     def start(self) -> None:
-        self.session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2))
+        # Readiness polls wait as long as the gateway's probes do.
+        self.session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.gateway.config.health.timeout))
         self._tasks = [asyncio.create_task(self._run(slot)) for slot in self.slots.values()]
 
     async def _run(self, slot: EngineSlot) -> None:
@@ -171,7 +170,6 @@ class Supervisor:
         slot.phase = phase
         for p in PHASES:
             self.m_phase.labels(slot.spec.name, p).set(1 if p == phase else 0)
-        self.on_change()
 
     # ---- planned restarts ---------------------------------------------------------------------------
 

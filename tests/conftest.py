@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from sglang_gw.testing import free_port, free_port_range, http_json, stop_process, wait_http  # noqa: F401 — tests import these from here
+
 REPO = Path(__file__).resolve().parent.parent
 os.environ.setdefault("SGLANG_GW_CACHE", str(REPO / ".cache"))
 
@@ -122,13 +124,10 @@ class EngineProcess:
     """A real `sglang-gw engine` process on a free port; `url` is its base address."""
 
     def __init__(self, model: str, *extra: str, threads: int = 1):
-        import socket
         import subprocess
         import sys
 
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            self.port = sock.getsockname()[1]
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = Path(os.environ["SGLANG_GW_CACHE"]) / f"engine-{self.port}.log"
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -140,21 +139,11 @@ class EngineProcess:
         )
 
     def wait_ready(self, timeout: float = 120.0) -> "EngineProcess":
-        import time
-        import urllib.request
-
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"engine exited with {self.proc.returncode}:\n{self.log_path.read_text()[-3000:]}")
-            try:
-                with urllib.request.urlopen(self.url + "/health", timeout=1) as resp:
-                    if resp.status == 200:
-                        return self
-            except OSError:
-                pass
-            time.sleep(0.1)
-        raise TimeoutError(f"engine not ready after {timeout}s:\n{self.log_path.read_text()[-3000:]}")
+        try:
+            wait_http(self.url + "/health", self.proc, timeout)
+        except (RuntimeError, TimeoutError) as exc:
+            raise RuntimeError(f"{exc}:\n{self.log_path.read_text()[-3000:]}") from None
+        return self
 
     def __enter__(self) -> "EngineProcess":
         return self.wait_ready()
@@ -163,17 +152,9 @@ class EngineProcess:
         self.stop()
 
     def stop(self) -> int:
-        import signal
-
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=60)
-            except Exception:
-                self.proc.kill()
-                self.proc.wait()
+        code = stop_process(self.proc)
         self._log.close()
-        return self.proc.returncode
+        return code
 
 
 @pytest.fixture(scope="session")
@@ -181,28 +162,6 @@ def tiny_server(tiny_models):
     """One engine process on the tiny Llama model, shared by the HTTP tests (served name "tiny")."""
     with EngineProcess(str(tiny_models["llama"]), "--served-model-name", "tiny", "--max-total-tokens", "20000") as server:
         yield server
-
-
-def free_port_range(count: int) -> int:
-    """The first of `count` consecutive free ports on 127.0.0.1."""
-    import random
-    import socket
-
-    for _ in range(200):
-        base = random.randint(20000, 60000)
-        try:
-            socks = []
-            for port in range(base, base + count):
-                sock = socket.socket()
-                socks.append(sock)
-                sock.bind(("127.0.0.1", port))
-            return base
-        except OSError:
-            continue
-        finally:
-            for sock in socks:
-                sock.close()
-    raise RuntimeError("no free port range")
 
 
 class ServeProcess:
@@ -232,17 +191,19 @@ class ServeProcess:
             stdout=self._out, stderr=self._log, env=dict(os.environ, **(env or {})))
 
     def get(self, path: str, key: str | None = None) -> tuple[int, dict]:
-        import json
-        import urllib.error
-        import urllib.request
-
         key = key or self.key
-        req = urllib.request.Request(self.url + path, headers={"Authorization": f"Bearer {key}"} if key else {})
-        try:
-            with urllib.request.urlopen(req, timeout=5) as resp:
-                return resp.status, json.loads(resp.read())
-        except urllib.error.HTTPError as err:
-            return err.code, json.loads(err.read())
+        return http_json(self.url + path, headers={"Authorization": f"Bearer {key}"} if key else {}, timeout=5)
+
+    def reload(self, config: dict) -> None:
+        """Write `config` over the config file, SIGHUP, and wait until serve has applied it."""
+        import signal
+
+        import yaml
+
+        before = self.logs().count('"event": "serve.reloaded"')
+        self.config_path.write_text(yaml.safe_dump(config))
+        self.proc.send_signal(signal.SIGHUP)
+        self.wait_for(lambda: self.logs().count('"event": "serve.reloaded"') > before, 30, "the reload")
 
     def engines(self) -> dict[str, dict]:
         return {e["name"]: e for e in self.get("/engines")[1]["engines"]}
@@ -272,18 +233,10 @@ class ServeProcess:
         return self.log_path.read_text()
 
     def stop(self, timeout: float = 90) -> int:
-        import signal
-
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=timeout)
-            except Exception:
-                self.proc.kill()
-                self.proc.wait()
+        code = stop_process(self.proc, timeout)
         self._log.close()
         self._out.close()
-        return self.proc.returncode
+        return code
 
 
 def process_gone(pid: int) -> bool:

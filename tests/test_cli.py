@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -29,7 +30,7 @@ def test_engine_refuses_invalid_config_naming_the_field(args, field):
 def test_model_list_and_generate(tiny_models):
     assert "builtin:smollm2-135m-instruct" in _cli("model", "list").stdout
     result = _cli("generate", "Paris is", "--model", str(tiny_models["qwen2"]), "--raw", "--max-new-tokens", "5",
-                  "--threads", "1")
+                  "--num-threads", "1")
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip(), "no text was generated"
 
@@ -66,3 +67,25 @@ def test_key_create_prints_the_key_once_and_only_its_hash_for_the_config(tmp_pat
     (tmp_path / "keys.yaml").write_text(yaml.safe_dump(entries))
     (tmp_path / "gateway.yaml").write_text('workers: [{url: "http://a:1"}]\nauth: {keys_file: keys.yaml}\n')
     assert load_config(tmp_path / "gateway.yaml").auth.keys[0].rpm == 10
+
+
+def test_lean_commands_load_neither_torch_nor_transformers(tmp_path):
+    """The gateway, serve's own process, check-config, key and --help never need torch or transformers:
+    with both made unimportable, they still work, and importing their modules loads neither."""
+    probe = ("import sys\n"
+             "import sglang_gw.gateway.app, sglang_gw.supervisor.serve, sglang_gw.config\n"
+             "from sglang_gw.cli import build_parser\n"
+             "build_parser()\n"
+             "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'transformers'}))\n")
+    assert subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                          timeout=60).stdout.strip() == "[]"
+    blocked = "import sys; sys.modules['torch'] = sys.modules['transformers'] = None; from sglang_gw.cli import main; "
+    config = Path(__file__).resolve().parents[1] / "config" / "default.yaml"
+    for args in (["check-config", str(config)], ["key", "create", "--name", "x"], ["--help"], ["serve", "--help"],
+                 ["gateway", "--help"], ["engine", "--help"]):
+        done = subprocess.run([sys.executable, "-c", blocked + f"sys.exit(main({args!r}))"], capture_output=True,
+                              text=True, timeout=60)
+        assert done.returncode == 0, (args, done.stderr[-2000:])
+    unreachable = subprocess.run([sys.executable, "-c", blocked + "sys.exit(main(['restart', '--url', 'http://127.0.0.1:9']))"],
+                                 capture_output=True, text=True, timeout=60)
+    assert unreachable.returncode == 1 and "error: http://127.0.0.1:9" in unreachable.stderr, unreachable.stderr

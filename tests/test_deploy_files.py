@@ -5,7 +5,6 @@ of a slow SSE server, which shows that events are passed on one by one)."""
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import http.client
 import json
@@ -23,9 +22,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from sglang_gw.cli import add_engine_args
+from sglang_gw.cli import _settings, build_parser
 from sglang_gw.config import load_serve_config, parse_serve_config
+from sglang_gw.engine.settings import EngineArgs
 from sglang_gw.gateway.config import GatewaySettings
+from sglang_gw.testing import DONE, free_port, sse_event
 
 REPO = Path(__file__).resolve().parent.parent
 K8S = REPO / "k8s"
@@ -77,12 +78,10 @@ def _probe_target(container: dict, probe: str) -> tuple[str, int]:
     return get["path"], _container_port(container, get["port"])
 
 
-def _engine_args(container: dict) -> argparse.Namespace:
+def _engine_args(container: dict) -> EngineArgs:
     argv = [*container.get("command", []), *container.get("args", [])]
     assert argv[:2] == ["sglang-gw", "engine"], argv
-    parser = argparse.ArgumentParser(prog="sglang-gw engine", exit_on_error=False)
-    add_engine_args(parser)
-    return parser.parse_args(argv[2:])
+    return _settings(build_parser().parse_args(argv[1:]), EngineArgs, "the engine container")  # as the engine would
 
 
 def _gateway_config_raw() -> dict:
@@ -335,12 +334,6 @@ EVENTS = 5
 EVENT_GAP = 0.2  # seconds between two SSE events from the slow upstream
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _nginx_has_http2() -> bool:
     out = subprocess.run(["nginx", "-V"], capture_output=True, text=True, timeout=10)
     return "http_v2_module" in out.stdout + out.stderr
@@ -444,7 +437,7 @@ http {{
 
 @needs_nginx
 def test_nginx_conf_passes_nginx_t(tmp_path):
-    conf = _write_nginx(tmp_path, _free_port(), _free_port(), _free_port())
+    conf = _write_nginx(tmp_path, free_port(), free_port(), free_port())
     proc = subprocess.run(["nginx", "-t", "-c", str(conf), "-p", str(tmp_path)], capture_output=True,
                           text=True, timeout=30)
     assert proc.returncode == 0, proc.stderr
@@ -460,7 +453,7 @@ def front(tmp_path_factory):
         pytest.skip("nginx and openssl are not both installed")
     tmp = tmp_path_factory.mktemp("nginx")
     with SlowSSE() as upstream:
-        https_port, http_port = _free_port(), _free_port()
+        https_port, http_port = free_port(), free_port()
         conf = _write_nginx(tmp, upstream.port, https_port, http_port)
         log = open(tmp / "stderr.log", "wb")
         proc = subprocess.Popen(["nginx", "-c", str(conf), "-p", str(tmp), "-g", "daemon off;"],
@@ -501,15 +494,13 @@ def _stream(conn: http.client.HTTPSConnection, headers: dict) -> tuple[http.clie
                  headers={"Content-Type": "application/json", **headers})
     resp = conn.getresponse()
     events = []  # (arrival time, payload)
-    while True:
-        line = resp.readline()
-        if not line:
+    while line := resp.readline():
+        event = sse_event(line)
+        if event is not None:
+            events.append((time.monotonic(), event))
+        if event == DONE:
+            assert resp.read().strip() == b""  # the blank line ending the event, then EOF
             break
-        if line.startswith(b"data: "):
-            events.append((time.monotonic(), line[6:].strip()))
-            if line.strip() == b"data: [DONE]":
-                assert resp.read().strip() == b""  # the blank line ending the event, then EOF
-                break
     return resp, events
 
 
@@ -520,8 +511,8 @@ def test_nginx_front_streams_sse_unbuffered_and_forwards_headers(front):
     try:
         resp, events = _stream(conn, {"Authorization": "Bearer sk-test"})
         assert resp.status == 200 and resp.getheader("Content-Type") == "text/event-stream"
-        assert [json.loads(p)["index"] for _, p in events[:-1]] == list(range(EVENTS))
-        assert events[-1][1] == b"[DONE]"
+        assert [p["index"] for _, p in events[:-1]] == list(range(EVENTS))
+        assert events[-1][1] == DONE
 
         first = upstream.requests[-1]
         rid = first["headers"]["X-Request-Id"]

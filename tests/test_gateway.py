@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import random
-import socket
 import subprocess
 import sys
 import time
@@ -17,32 +16,10 @@ import pytest
 import yaml
 
 from conftest import EngineProcess
+from sglang_gw.testing import free_port, http_json
 from sglang_gw.gateway.auth import new_key
 
 MODEL = "tiny"
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _get(url: str) -> tuple[int, dict]:
-    try:
-        with urllib.request.urlopen(url, timeout=5) as resp:
-            return resp.status, json.loads(resp.read())
-    except urllib.error.HTTPError as err:
-        return err.code, json.loads(err.read())
-
-
-def _post(url: str, data: bytes) -> tuple[int, dict]:
-    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=30) as resp:
-            return resp.status, json.loads(resp.read())
-    except urllib.error.HTTPError as err:
-        return err.code, json.loads(err.read())
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +35,7 @@ def engines(tiny_models):
 
 def _start_gateway(engines, tmp_path, **config):
     """A `sglang-gw gateway` process in front of the engines; yields its URL once every engine is ready."""
-    port = _free_port()
+    port = free_port()
     config = {"port": port, "workers": [{"url": e.url, "name": f"e{i}"} for i, e in enumerate(engines)],
               "health": {"interval": 0.5, "timeout": 1.0}, **config}
     config["workers"] += config.pop("extra_workers", [])
@@ -80,14 +57,14 @@ def _start_gateway(engines, tmp_path, **config):
 
 def _get_or_none(url: str) -> int | None:
     try:
-        return _get(url)[1].get("ready_workers")
+        return http_json(url)[1].get("ready_workers")
     except OSError:
         return None
 
 
 @pytest.fixture(scope="module")
 def gateway(engines, tmp_path_factory):
-    dead = f"http://127.0.0.1:{_free_port()}"  # refuses connections: must stay out of rotation
+    dead = f"http://127.0.0.1:{free_port()}"  # refuses connections: must stay out of rotation
     yield from _start_gateway(engines, tmp_path_factory.mktemp("gateway"), extra_workers=[{"url": dead, "name": "dead"}],
                               policy={"name": "prefix_affinity", "block_size": 32, "load_margin": 4},
                               max_request_bytes=100_000)
@@ -99,7 +76,7 @@ def client(gateway):
 
 
 def _workers(gateway) -> dict[str, dict]:
-    return {w["name"]: w for w in _get(gateway + "/workers")[1]["workers"]}
+    return {w["name"]: w for w in http_json(gateway + "/workers")[1]["workers"]}
 
 
 def test_openai_sdk_through_the_gateway(client, gateway):
@@ -172,7 +149,7 @@ def test_load_returns_to_zero_after_completed_failed_and_cancelled_requests(gate
     ("/v1/completions", json.dumps({"model": MODEL, "prompt": "x" * 200_000}).encode(), 413, None),
 ])
 def test_bad_inputs_get_openai_error_bodies(gateway, path, body, status, param):
-    got, out = _post(gateway + path, body)
+    got, out = http_json(gateway + path, body)
     assert got == status, out
     assert set(out["error"]) == {"message", "type", "param", "code"} and out["error"]["param"] == param
 
@@ -199,9 +176,9 @@ def test_wrong_or_missing_key_is_an_authentication_error(keyed_gateway):
         _sdk(keyed_gateway, "sk-gw-wrong").completions.create(model=MODEL, prompt="hi", max_tokens=1)
     with pytest.raises(openai.AuthenticationError):
         _sdk(keyed_gateway, "sk-gw-wrong").models.list()
-    status, body = _post(keyed_gateway + "/v1/completions", json.dumps({"model": MODEL, "prompt": "hi"}).encode())
+    status, body = http_json(keyed_gateway + "/v1/completions", json.dumps({"model": MODEL, "prompt": "hi"}).encode())
     assert status == 401 and body["error"]["code"] == "invalid_api_key"  # no key at all
-    assert _get(keyed_gateway + "/health")[0] == 200  # probes need no key
+    assert http_json(keyed_gateway + "/health")[0] == 200  # probes need no key
 
 
 def test_rate_limit_is_a_rate_limit_error_with_retry_after(keyed_gateway):

@@ -21,9 +21,9 @@ ADMIN_KEY = "sk-gw-admin-for-tests"
 
 def fake_engine(mode: str) -> web.Application:
     """ok: answers; error503/error500: fails every generation; midstream: drops the connection after two
-    SSE events; stall: stops sending after two events, connection open; hang: never answers /health;
-    slow: answers after 0.5 s; other: serves the model "other-model". A "-suffix" only names another
-    worker of the same kind."""
+    SSE events; midjson: drops it halfway through a JSON answer; stall: stops sending after two events,
+    connection open; hang: never answers /health; slow: answers after 0.5 s; other: serves the model
+    "other-model". A "-suffix" only names another worker of the same kind."""
     mode = mode.split("-")[0]
 
     async def health(request):
@@ -43,6 +43,12 @@ def fake_engine(mode: str) -> web.Application:
                                      status=status)
         if mode == "slow":
             await asyncio.sleep(0.5)
+        if mode == "midjson":
+            resp = web.StreamResponse(headers={"Content-Type": "application/json"})
+            await resp.prepare(request)
+            await resp.write(b'{"id": "c", "object": "text_completion", "choices": [{"index": 0, "te')
+            request.transport.close()  # the engine dies mid-answer
+            return resp
         if not body.get("stream"):
             return web.json_response({"id": "c", "object": "text_completion", "model": MODEL,
                                       "choices": [{"index": 0, "text": f"from {mode}", "finish_reason": "length"}]})
@@ -101,10 +107,10 @@ class Fleet:
         self.loop.call_soon_threadsafe(self.loop.stop)
 
     def states(self) -> dict[str, str]:
-        return {w.name: w.state for w in self.gateway.workers}
+        return {w.name: w.health.state.value for w in self.gateway.workers}
 
     def assert_load_settles(self) -> None:
-        """Load is released when the handler ends, just after the client has the last byte."""
+        """Load is released when the answer is handed over: a stream's just after the client has its last byte."""
         deadline = time.monotonic() + 5
         while any(w.inflight for w in self.gateway.workers):
             assert time.monotonic() < deadline, [(w.name, w.inflight) for w in self.gateway.workers]
@@ -151,6 +157,25 @@ def test_engine_dying_mid_stream_ends_the_stream_with_an_error_event(fleet):
     fleet.assert_load_settles()
 
 
+@pytest.mark.parametrize("fleet", [["midjson", "ok"]], indirect=True)
+def test_json_answer_breaking_mid_body_is_retried_and_never_gets_an_sse_frame(fleet):
+    answers = [asyncio.run(_post(fleet.url, {"model": MODEL, "prompt": "x"})) for _ in range(4)]
+    assert any(headers["x-sglang-gw-route"] == "retry" for _, headers, _ in answers)
+    for status, headers, body in answers:
+        assert status == 200 and headers["Content-Type"].startswith("application/json")
+        assert json.loads(body)["choices"][0]["text"] == "from ok"  # a whole JSON answer, from the other worker
+    fleet.assert_load_settles()
+
+
+@pytest.mark.parametrize("fleet", [["midjson"]], indirect=True)
+def test_json_answer_breaking_mid_body_on_the_only_worker_is_a_json_error(fleet):
+    status, headers, body = asyncio.run(_post(fleet.url, {"model": MODEL, "prompt": "x"}))
+    assert status == 502 and headers["x-should-retry"] == "false"
+    assert json.loads(body)["error"].keys() == {"message", "type", "param", "code"}
+    assert fleet.states()["midjson"] == "unhealthy"
+    fleet.assert_load_settles()
+
+
 @pytest.mark.parametrize("fleet", [["hang", "ok"]], indirect=True)
 def test_hung_worker_is_taken_out_of_rotation_by_the_probe(fleet):
     deadline = time.monotonic() + 15
@@ -165,7 +190,7 @@ def test_hung_worker_is_taken_out_of_rotation_by_the_probe(fleet):
 @pytest.mark.parametrize("fleet", [["ok", "ok-2"]], indirect=True)
 def test_refused_connection_ejects_the_worker_and_the_request_succeeds(fleet):
     fleet.gateway.workers[1].url = "http://127.0.0.1:9"  # now refuses connections; probes have not noticed
-    fleet.gateway.workers[1].state = "ready"
+    fleet.gateway.workers[1].health.admit()
     statuses = [asyncio.run(_post(fleet.url, {"model": MODEL, "prompt": "x"})) for _ in range(2)]
     status, headers, _ = next(s for s in statuses if s[1]["x-sglang-gw-route"] == "retry")
     assert all(s[0] == 200 for s in statuses)
@@ -224,7 +249,7 @@ def test_supervisor_hooks_eject_at_once_and_forget_prefixes():
         other = "ok-2" if home == "ok" else "ok"
         assert index.bytes_of(home) > 0
         gateway.worker_exited(home)
-        assert fleet.states()[home] == "unhealthy" and index.bytes_of(home) == 0
+        assert fleet.states()[home] == "dead" and index.bytes_of(home) == 0
         for _ in range(3):
             _, headers, _ = asyncio.run(_post(fleet.url, {"model": MODEL, "prompt": "a long shared prefix " * 4}))
             assert headers["x-sglang-gw-worker"] == other
@@ -245,6 +270,22 @@ def test_circuit_breaker_takes_a_failing_worker_out(fleet):
     # Round robin alternates until error500 has failed 5 times in a row; then its circuit is open.
     assert seen[:10].count("error500") == 5 and set(seen[10:]) == {"ok"}
     assert fleet.states()["error500"] == "ready"  # its /health is fine: only the breaker keeps it out
+
+
+def test_half_open_breaker_lets_one_trial_request_through():
+    fleet = Fleet(["error500", "ok"], health={"interval": 0.2, "breaker_cooldown": 1.0})
+    try:
+        def workers_seen(n):
+            return [asyncio.run(_post(fleet.url, {"model": MODEL, "prompt": "x"}))[1]["x-sglang-gw-worker"]
+                    for _ in range(n)]
+
+        assert workers_seen(10).count("error500") == 5  # 5 failures in a row: open
+        time.sleep(1.1)
+        assert workers_seen(6).count("error500") == 1  # half-open: one trial, which fails: open again
+        _, _, body = asyncio.run(_post(fleet.url, {}, "/workers", "GET"))
+        assert {w["name"]: w["breaker"] for w in json.loads(body)["workers"]} == {"error500": "open", "ok": "closed"}
+    finally:
+        fleet.close()
 
 
 def test_requests_wait_in_a_bounded_queue_when_every_worker_is_at_its_cap():

@@ -119,13 +119,40 @@ def test_chat_routing_text_is_the_rendered_template_when_the_tokenizer_is_local(
     text = RoutingText()
     fallback = text("/v1/chat/completions", {"model": "tiny", "messages": messages})
     assert fallback == "<system>be brief\n<user>hi\n"
-    text.add_tokenizer("tiny", str(tiny_models["llama"]))
+    text.add_template("tiny", str(tiny_models["llama"]))
     rendered = text("/v1/chat/completions", {"model": "tiny", "messages": messages})
     expected = AutoTokenizer.from_pretrained(tiny_models["llama"]).apply_chat_template(
         [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}], tokenize=False,
         add_generation_prompt=True)
     assert rendered == expected != fallback
-    text.add_tokenizer("remote", "/not/on/this/host")
+    text.add_template("remote", "/not/on/this/host")
     assert text("/v1/chat/completions", {"model": "remote", "messages": messages}) == fallback
     assert text("/v1/completions", {"prompt": "abc"}) == "abc"
     assert text("/generate", {"input_ids": [1, 2]}) == "[1, 2]"
+
+
+@pytest.mark.parametrize("policy", ["round_robin", "least_conn", "power_of_two"])
+@pytest.mark.parametrize("option, value", [("block_size", 32), ("max_bytes_per_worker", 1 << 20),
+                                           ("min_match_ratio", 0.5), ("load_margin", 2)])
+def test_an_option_the_policy_does_not_take_is_refused_naming_the_field(policy, option, value):
+    from sglang_gw.gateway.config import parse_config
+    from sglang_gw.validation import ConfigError
+
+    with pytest.raises(ConfigError, match=rf"^config: policy\.{option}: only used by prefix_affinity$"):
+        parse_config({"workers": [{"url": "http://127.0.0.1:9"}], "policy": {"name": policy, option: value}})
+
+
+def test_policy_options_are_the_policys_own_and_the_effective_config_loads_again():
+    from sglang_gw.gateway.config import PolicyConfig, parse_config
+    from sglang_gw.gateway.policies import POLICIES
+
+    # Every config option is some policy's keyword argument, and the other way round.
+    assert set(PolicyConfig.model_fields) - {"name"} == set().union(*(p.option_names() for p in POLICIES.values()))
+    tuned = PolicyConfig(name="prefix_affinity", load_margin=9)
+    assert tuned.options() == {"block_size": 64, "max_bytes_per_worker": 64 << 20, "min_match_ratio": 0.3,
+                               "load_margin": 9}
+    assert create_policy(tuned.name, **tuned.options()).load_margin == 9
+    for name in POLICIES:
+        dumped = PolicyConfig(name=name).model_dump()
+        reloaded = parse_config({"workers": [{"url": "http://127.0.0.1:9"}], "policy": dumped}).policy
+        assert reloaded == PolicyConfig(name=name) and set(reloaded.options()) == POLICIES[name].option_names()

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 
 import pytest
 import torch
 
 from sglang_gw.engine import Engine, InvalidParamError, SamplingParams
 from sglang_gw.engine.detokenizer import IncrementalDetokenizer
-from sglang_gw.engine.sampler import apply_penalties, filter_probs
+from sglang_gw.engine.sampler import apply_logit_bias, apply_penalties, filter_probs
 
 
 @pytest.fixture(scope="module")
@@ -48,16 +49,19 @@ def test_top_k_one_and_tiny_top_p_equal_greedy(engine):
         assert engine.generate(PROMPT, params)[0].output_ids == greedy.output_ids, extra
 
 
-def test_penalties_adjust_logits():
+def test_penalties_and_logit_bias_adjust_logits():
     class FakeReq:
         origin_input_ids = [1]
         output_ids = [3, 3, 4]
-        params = SamplingParams(frequency_penalty=0.5, presence_penalty=0.25, repetition_penalty=2.0)
+        params = SamplingParams(frequency_penalty=0.5, presence_penalty=0.25, repetition_penalty=2.0,
+                                logit_bias={2: 0.5})
 
     logits = torch.tensor([[1.0, 2.0, 3.0, 4.0, -4.0]])
     apply_penalties(logits, [FakeReq()])
     # token 1 (prompt): repetition only; token 3 (twice): 4/2 - 2*0.5 - 0.25; token 4: -4*2 - 0.5 - 0.25.
     assert logits.tolist() == [[1.0, 1.0, 3.0, 0.75, -8.75]]
+    apply_logit_bias(logits, [FakeReq()])
+    assert logits.tolist() == [[1.0, 1.0, 3.5, 0.75, -8.75]]
 
 
 def test_min_new_tokens_and_stop_token_ids(engine):
@@ -124,6 +128,17 @@ def test_n_samples_share_the_prompt_kv(engine):
     engine.check_integrity()
 
 
+def test_n_samples_come_in_sample_order_seeded_seed_plus_index(engine):
+    prompt = list(range(200, 230))
+    params = SamplingParams(max_new_tokens=8, temperature=1.0, ignore_eos=True)
+    outs = engine.generate(prompt, replace(params, n=3, sampling_seed=40), rid="grp")
+    assert [o.sample_index for o in outs] == [0, 1, 2]
+    assert [o.rid for o in outs] == ["grp-0", "grp-1", "grp-2"]
+    alone = [engine.generate(prompt, replace(params, sampling_seed=40 + i))[0] for i in range(3)]
+    assert [o.output_ids for o in outs] == [o.output_ids for o in alone]
+    assert [o.sample_index for o in alone] == [0, 0, 0]
+
+
 def test_logprobs_match_hf(engine, tiny_models):
     from transformers import AutoModelForCausalLM
 
@@ -156,6 +171,26 @@ def test_invalid_sampling_params_name_the_field(bad, param):
     with pytest.raises(InvalidParamError) as err:
         SamplingParams.from_dict(bad)
     assert err.value.param == param
+    assert err.value.code == ("unsupported" if param == "regex" else "invalid_value")
+
+
+@pytest.mark.parametrize("prompt, params, param, code", [
+    ([5] * 3000, SamplingParams(), "input_ids", "context_length_exceeded"),
+    ([5, 10**6], SamplingParams(), "input_ids", "invalid_value"),
+    ("", SamplingParams(), "input_ids", "invalid_value"),
+    ([5], SamplingParams(logit_bias={10**6: 1.0}), "logit_bias", "invalid_value"),
+])
+def test_prepare_rejects_with_an_explicit_code(engine, prompt, params, param, code):
+    with pytest.raises(InvalidParamError) as err:
+        engine.prepare(prompt, params)
+    assert (err.value.param, err.value.code) == (param, code)
+
+
+def test_prepare_tokenizes_and_clips_once(engine):
+    request = engine.prepare("Hello there", SamplingParams(max_new_tokens=10**6, min_new_tokens=10**6))
+    assert request.input_ids == engine.tokenizer.encode("Hello there")
+    limit = min(engine.context_length, engine.pool.size)
+    assert request.params.max_new_tokens == request.params.min_new_tokens == limit - len(request.input_ids)
 
 
 def test_random_sampling_respects_top_k(engine):

@@ -125,10 +125,19 @@ def test_prompt_longer_than_the_pool_is_rejected(tiny_models):
     with Engine(model=str(tiny_models["llama"]), max_total_tokens=64) as engine:
         with pytest.raises(InvalidParamError) as err:
             engine.generate(list(range(3, 100)), SamplingParams(max_new_tokens=4))
-        assert err.value.param == "input_ids"
+        assert (err.value.param, err.value.code) == ("input_ids", "context_length_exceeded")
         # The engine still serves others; max_new_tokens is clipped to what the pool can hold.
         out = engine.generate(list(range(3, 40)), SamplingParams(max_new_tokens=100, ignore_eos=True))[0]
         assert len(out.output_ids) == 64 - 37
+
+
+def test_an_unknown_inbox_message_stops_the_engine_loudly(tiny_models):
+    with Engine(model=str(tiny_models["llama"]), max_total_tokens=256) as engine:
+        engine._send(("call_idle", None))  # the old string-tagged form: a programming error, not an idle call
+        engine._thread.join(timeout=30)
+        assert isinstance(engine.error, TypeError)
+        with pytest.raises(RuntimeError, match="engine stopped"):
+            engine.generate([5, 6], SamplingParams(max_new_tokens=1))
 
 
 async def _collect(agen, outs):

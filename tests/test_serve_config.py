@@ -46,12 +46,26 @@ INVALID = [
     ({"engines": [{"device": "cuda"}]}, "engines.0: gpus: give the GPUs"),
     ({"engines": [{"device": "cuda", "gpus": [0, 0]}]}, "engines.0: gpus: must be a non-empty list without repeats"),
     ({"engines": [{"device": "cuda", "gpus": [0, 1], "count": 3}]}, "engines.0: count: 3 does not match"),
-    ({"engines": [{"device": "tpu"}]}, "engines.0.device: Input should be 'cpu' or 'cuda'"),
+    ({"engines": [{"device": "tpu"}]}, "engines.0.device: must be cpu, cuda or cuda:N"),
+    ({"engines": [{"device": "cuda:1"}]}, "engines.0: device: cuda:1: give device: cuda and pin GPUs with gpus"),
+    ({"engines": [{"mem_fraction_static": 0.5}]}, "engines.0: mem_fraction_static: applies to cuda engines only"),
+    ({"engines": [{"device": "cuda", "count": 1, "kv_cache_gib": 2}]},
+     "engines.0: kv_cache_gib: applies to cpu engines only"),
+    ({"engines": [{"kv_cache_gib": 2, "max_total_tokens": 4096}]},
+     "engines.0: kv_cache_gib: not used when max_total_tokens sizes the KV pool"),
+    ({"engines": [{"chunked_prefill_size": 4096, "max_prefill_tokens": 1024}]},
+     "engines.0: chunked_prefill_size: 4096 exceeds max_prefill_tokens (1024)"),
     ({"engines": [{"max_running_requests": 0}]}, "engines.0.max_running_requests: Input should be greater"),
     ({"engines": [{"kv_cache_gib": -1}]}, "engines.0.kv_cache_gib: Input should be greater than 0"),
-    ({"engines": [{"extra_args": ["--port", "1"]}]}, "engines.0.extra_args: --port is set by the supervisor"),
-    ({"engines": [{"extra_args": ["--bogus"]}]}, "engines.0.extra_args: unrecognized arguments: --bogus"),
-    ({"engines": [{"extra_args": ["--max-queued-requests", "many"]}]}, "engines.0.extra_args: argument"),
+    ({"engines": [{"extra_args": ["--port", "1"]}]}, "engines.0: extra_args: --port is set by the supervisor"),
+    ({"engines": [{"extra_args": ["--api-key", "k"]}]}, "engines.0: extra_args: --api-key is set by the supervisor"),
+    ({"engines": [{"extra_args": ["--bogus"]}]}, "engines.0: extra_args: unrecognized arguments: --bogus"),
+    ({"engines": [{"extra_args": ["--max-queued-requests", "many"]}]},
+     "engines.0: extra_args: argument --max-queued-requests: invalid int value: 'many'"),
+    ({"engines": [{"extra_args": ["--max-running-requests", "0"]}]},
+     "engines.0.max_running_requests: Input should be greater than or equal to 1"),
+    ({"engines": [{"dtype": "bfloat16", "extra_args": ["--dtype", "float16"]}]},
+     "engines.0: extra_args: --dtype float16 contradicts dtype: bfloat16"),
     ({"engines": [{"count": 2, "base_port": 30000}, {"base_port": 30001}]},
      "engines.1.base_port: port 30001 is already used by engines.0"),
     ({"gateway": {"port": 30000}, "engines": [{}]}, "engines.0.base_port: port 30000 is already used by gateway.port"),
@@ -133,7 +147,8 @@ def test_engine_plan_pins_gpus_and_splits_cpu_cores(model_dir):
     assert [e["OMP_NUM_THREADS"] for e in env] == ["2"] * 4  # 8 cores over 4 engines
     argv = specs[1].argv
     assert argv[argv.index("--device") + 1] == "cuda" and argv[argv.index("--port") + 1] == "31001"
-    assert argv[-2:] == ("--max-queued-requests", "7") and "--served-model-name" in argv
+    assert argv[argv.index("--max-queued-requests") + 1] == "7" and "--served-model-name" in argv
+    assert config.engines[0].max_queued_requests == 7 and config.engines[0].extra_args == []  # folded in
     assert specs[3].url == "http://127.0.0.1:32001"  # 0.0.0.0 is reached over loopback
     assert specs[3].argv[specs[3].argv.index("--host") + 1] == "0.0.0.0"
     # The plan's flags are ones the engine accepts.

@@ -18,6 +18,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import EngineProcess
+from sglang_gw.testing import DONE, sse_event
 
 GREEDY = {"temperature": 0, "max_new_tokens": 8}
 LONG = {"temperature": 0, "max_new_tokens": 2000, "ignore_eos": True}  # clipped to the 2048 context
@@ -58,12 +59,10 @@ def generate(url: str, body: dict):
 
 
 async def sse(resp: aiohttp.ClientResponse):
-    """Parsed `data:` events of an SSE response; "[DONE]" is yielded as None."""
+    """Parsed `data:` events of an SSE response, DONE last."""
     async for line in resp.content:
-        line = line.strip()
-        if line.startswith(b"data: "):
-            payload = line[len(b"data: "):]
-            yield None if payload == b"[DONE]" else json.loads(payload)
+        if (event := sse_event(line)) is not None:
+            yield event
 
 
 def metrics(url: str) -> dict[str, float]:
@@ -189,7 +188,7 @@ def test_stream_is_cumulative_and_matches_non_stream(tiny_server):
             return [event async for event in sse(resp)]
 
     events = asyncio.run(go())
-    assert events[-1] is None and None not in events[:-1], "one [DONE], at the end"
+    assert events[-1] == DONE and DONE not in events[:-1], "one [DONE], at the end"
     events = events[:-1]
     assert len(events) > 1
     for before, after in zip(events, events[1:]):
@@ -313,15 +312,19 @@ BAD_INPUTS = [
     case("regex", with_sp(regex="a+"), param="regex", code="unsupported"),
     case("stop-number", with_sp(stop=5), param="stop"),
     case("too-long", {"input_ids": TOO_LONG}, param="input_ids", code="context_length_exceeded"),
-    case("out-of-vocab", {"input_ids": [5, 999999]}, param="input_ids"),
-    case("negative-id", {"input_ids": [-1]}, param="input_ids"),
-    case("empty-text", {"text": ""}, param="text"),
+    case("out-of-vocab", {"input_ids": [5, 999999]}, param="input_ids", code="invalid_value"),
+    case("negative-id", {"input_ids": [-1]}, param="input_ids", code="invalid_value"),
+    case("empty-text", {"text": ""}, param="text", code="invalid_value"),
     case("empty-batch", {"text": []}, param="text"),
     case("batch-sp-length", {"text": ["a", "b", "c"], "sampling_params": [SP, SP]}, param="sampling_params"),
     case("batch-rid-length", {"text": ["a", "b"], "rid": ["x"]}, param="rid"),
     case("chat-no-messages", {"model": "tiny", "messages": []}, param="messages", path="/v1/chat/completions"),
     case("chat-bad-role", {"model": "tiny", "messages": [{"role": "wizard", "content": "hi"}]},
          param="messages.0.role", path="/v1/chat/completions"),
+    case("chat-too-long", {"model": "tiny", "messages": [{"role": "user", "content": "hello " * 2100}]},
+         param="messages", code="context_length_exceeded", path="/v1/chat/completions"),
+    case("chat-regex", {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "regex": "a+"},
+         param="regex", code="unsupported", path="/v1/chat/completions"),
     case("unknown-model", {"model": "gpt-9", "prompt": "hi"}, 404, "model", "model_not_found", path="/v1/completions"),
     case("unknown-path", {}, 404, code="not_found", path="/no/such/path"),
     case("get-generate", None, 405, code="method_not_allowed", method="GET"),
@@ -454,7 +457,7 @@ def test_abort_request_ends_the_stream(tiny_server):
                 status, _, out = await fetch(session, "POST", url + "/abort_request", {"rid": "abort-me"})
                 assert (status, out) == (200, {"success": True})
                 rest = [event async for event in events]
-        assert rest[-1] is None
+        assert rest[-1] == DONE
         last = rest[-2]["meta_info"]
         assert last["finish_reason"]["type"] == "abort"
         assert last["completion_tokens"] < 2000

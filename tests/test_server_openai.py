@@ -134,6 +134,19 @@ def test_n_samples_with_seed(client):
     assert finish == {0: "length", 1: "length"}
 
 
+def test_choice_index_is_prompt_index_times_n_plus_sample_index(client):
+    prompts = ["Two prompts, the first", "Two prompts, the second"]
+    kw = dict(temperature=1, max_tokens=6, extra_body=NO_EOS)
+    # Sample k of a prompt is seeded seed + k, so it reads the same as that prompt alone with that seed.
+    alone = {2 * j + k: complete(client, p, seed=21 + k, **kw).choices[0].text
+             for j, p in enumerate(prompts) for k in range(2)}
+    out = complete(client, prompts, n=2, seed=21, **kw)
+    assert [c.index for c in out.choices] == [0, 1, 2, 3]
+    assert {c.index: c.text for c in out.choices} == alone
+    texts, finish = join_stream(complete(client, prompts, n=2, seed=21, stream=True, **kw))
+    assert (texts, finish) == (alone, {i: "length" for i in range(4)})
+
+
 def test_seed_reproducible(client):
     def sample(seed):
         return complete(client, "Héllo wörld", temperature=1, seed=seed, max_tokens=10, extra_body=NO_EOS).choices[0].text
@@ -230,6 +243,7 @@ def test_invalid_temperature_is_bad_request(client, stream):
     error = info.value.response.json()["error"]
     assert error == info.value.body
     assert error["type"] == "invalid_request_error" and error["param"] == "temperature"
+    assert error["code"] == "invalid_value"
 
 
 def test_prompt_longer_than_context(client, tiny_server):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import random
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
@@ -33,6 +34,11 @@ class RoutingPolicy(ABC):
 
     def __init__(self, seed: int | None = None):
         self.rng = random.Random(seed)
+
+    @classmethod
+    def option_names(cls) -> frozenset[str]:
+        """The config options the policy takes: its keyword-only constructor arguments (`policy.*`)."""
+        return frozenset(p.name for p in inspect.signature(cls).parameters.values() if p.kind is p.KEYWORD_ONLY)
 
     @abstractmethod
     def choose(self, candidates: list[Worker], request: RouteRequest) -> Decision:

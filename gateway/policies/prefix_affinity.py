@@ -1,4 +1,4 @@
-"""Cache-aware routing, bounded by the *candidate's* load (see shared/docs/routing.md).
+"""Cache-aware routing, bounded by the *candidate's* load (see docs/routing.md).
 
 1. Match the request's text against each candidate's prefix index.
 2. Hit (the longest match covers at least `min_match_ratio` of the text): among the workers sharing

@@ -1,0 +1,29 @@
+"""Listening and signal wiring, shared by the engine, gateway and serve processes."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+from typing import AsyncIterator
+
+from aiohttp import web
+
+
+@contextlib.asynccontextmanager
+async def listening(app: web.Application, host: str, port: int) -> AsyncIterator[asyncio.Event]:
+    """Serve `app` on host:port until the block ends; the event is set on SIGTERM or SIGINT.
+
+    Handlers are cancelled when their client goes away (that is how an abandoned stream aborts its
+    generation), and there is no access log: each process logs its requests itself."""
+    runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, host, port).start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        yield stop
+    finally:
+        await runner.cleanup()

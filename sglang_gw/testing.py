@@ -1,0 +1,86 @@
+"""Helpers shared by the tests and the benchmarks: free ports, waiting for a server, reading SSE lines."""
+
+from __future__ import annotations
+
+import json
+import random
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+
+DONE = "[DONE]"  # what `sse_event` returns for the stream's last line
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def free_port_range(count: int) -> int:
+    """The first of `count` consecutive free ports on 127.0.0.1."""
+    for _ in range(200):
+        base = random.randint(20000, 60000)
+        socks = []
+        try:
+            for port in range(base, base + count):
+                sock = socket.socket()
+                socks.append(sock)
+                sock.bind(("127.0.0.1", port))
+            return base
+        except OSError:
+            continue
+        finally:
+            for sock in socks:
+                sock.close()
+    raise RuntimeError("no free port range")
+
+
+def wait_http(url: str, proc: subprocess.Popen | None = None, timeout: float = 120.0) -> None:
+    """Until GET url answers 200; fails early when `proc` exits."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"{url}: the process exited with {proc.returncode}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as resp:
+                if resp.status == 200:
+                    return
+        except (OSError, urllib.error.URLError):
+            pass
+        time.sleep(0.1)
+    raise TimeoutError(f"{url} did not answer 200 within {timeout}s")
+
+
+def sse_event(line: bytes):
+    """The JSON payload of one SSE `data:` line, DONE for `data: [DONE]`, None for any other line."""
+    line = line.strip()
+    if not line.startswith(b"data: "):
+        return None
+    payload = line[len(b"data: "):]
+    return DONE if payload == DONE.encode() else json.loads(payload)
+
+
+def http_json(url: str, body: bytes | None = None, headers: dict | None = None,
+              timeout: float = 30) -> tuple[int, object]:
+    """(status, JSON body) of a GET, or of a POST when `body` is given; error statuses included."""
+    request = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json", **(headers or {})})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
+
+
+def stop_process(proc: subprocess.Popen, timeout: float = 60) -> int:
+    """SIGTERM (a graceful stop), then SIGKILL after `timeout`; the exit status."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    return proc.returncode
