@@ -23,7 +23,7 @@ from typing import AsyncIterator
 import structlog
 from aiohttp import web
 
-from ..bootstrap import listening
+from ..serving import listening, presented_key
 from ..errors import APIError, bad_request, error_middleware, read_json
 from .engine import Engine, ValidatedRequest
 from .metrics import EngineMetrics
@@ -111,7 +111,7 @@ class EngineServer:
     async def _auth(self, request: web.Request, handler):
         key = self.args.api_key
         if key and request.path not in OPEN_PATHS:
-            given = request.headers.get("x-api-key") or request.headers.get("Authorization", "").removeprefix("Bearer ")
+            given = presented_key(request)
             if not hmac.compare_digest(given.encode(), key.encode()):
                 raise APIError(401, "invalid or missing API key", code="invalid_api_key")
         return await handler(request)

@@ -8,8 +8,7 @@ Everything else is derived from the classes below:
     ServerConfig      + the HTTP server's own settings: a serve config's engine group is this plus placement
     EngineArgs        + what the supervisor sets per process: the `sglang-gw engine` command line
 
-`add_flags` turns a class into argparse flags, `given_flags` reads them back (to validate with the
-class), and `to_flags` gives the argv that reproduces an instance exactly (the supervisor passes
+`add_flags` turns a class into argparse flags, `from_flags` reads them back validated, and `to_flags` gives the argv that reproduces an instance exactly (the supervisor passes
 each engine its settings that way). Only explicitly given values count as "set": a setting that does
 not apply to the engine's device (e.g. `mem_fraction_static` on a CPU engine) is refused when set,
 since it would be ignored.
@@ -25,7 +24,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from ..validation import Strict
+from ..validation import Strict, validate
 
 DEFAULT_MODEL = "builtin:smollm2-135m-instruct"
 ATTENTION_BACKENDS = ("torch", "cpu")  # the names engine/attention.py registers
@@ -167,6 +166,11 @@ def add_flags(parser: argparse.ArgumentParser, model: type[Settings]) -> None:
 def given_flags(namespace: argparse.Namespace, model: type[Settings]) -> dict:
     """The fields of `model` given on the command line (validate them with `model`)."""
     return {name: getattr(namespace, name) for name in model.model_fields if hasattr(namespace, name)}
+
+
+def from_flags(namespace: argparse.Namespace, model: type[Settings], source: str):
+    """The settings given on the command line, validated (ConfigError "source: field: why")."""
+    return validate(model, given_flags(namespace, model), source)
 
 
 def to_flags(settings: Settings) -> list[str]:

@@ -26,11 +26,11 @@ from aiohttp import web
 
 from pydantic import ValidationError
 
-from ..bootstrap import listening
+from ..serving import listening, presented_key
 from ..errors import APIError, bad_request, error_middleware, read_json
 from ..validation import describe
 
-from .auth import Authenticator, hash_key, presented_key
+from .auth import Authenticator, hash_key
 from .config import GatewayConfig, WorkerConfig
 from .discovery import DnsDiscovery
 from .health import State, WorkerHealth

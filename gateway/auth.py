@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from aiohttp import web
 
 from ..errors import APIError
+from ..serving import presented_key
 
 KEY_PREFIX = "sk-gw-"
 WINDOW_S = 60.0
@@ -42,11 +43,6 @@ class KeyState:
     models: frozenset[str] | None
     recent: deque = field(default_factory=deque)  # admission times inside the rate window
     inflight: int = 0
-
-
-def presented_key(request: web.Request) -> str:
-    auth = request.headers.get("Authorization", "")
-    return auth.removeprefix("Bearer ").strip() if auth.startswith("Bearer ") else request.headers.get("x-api-key", "")
 
 
 class Authenticator:

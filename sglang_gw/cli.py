@@ -9,7 +9,7 @@ import sys
 
 import structlog
 
-from sglang_gw.validation import ConfigError, validate
+from sglang_gw.validation import ConfigError
 
 
 def configure_logging(level: str = "info", fmt: str = "auto") -> None:
@@ -46,10 +46,10 @@ def _cmd_model_list(args) -> int:
 def _cmd_generate(args) -> int:
     from sglang_gw.engine import Engine, InvalidParamError, SamplingParams
     from sglang_gw.engine.models.builtin import ModelNotFoundError
-    from sglang_gw.engine.settings import EngineConfig
+    from sglang_gw.engine.settings import EngineConfig, from_flags
 
     try:
-        engine = Engine(_settings(args, EngineConfig, "sglang-gw generate"))
+        engine = Engine(from_flags(args, EngineConfig, "sglang-gw generate"))
     except (ModelNotFoundError, ConfigError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
@@ -74,13 +74,6 @@ def _cmd_generate(args) -> int:
     return 0
 
 
-def _settings(args: argparse.Namespace, model, source: str):
-    """The engine settings given on the command line, validated by the engine's own declaration."""
-    from sglang_gw.engine.settings import given_flags
-
-    return validate(model, given_flags(args, model), source)
-
-
 def _cmd_engine(args) -> int:
     import os
 
@@ -88,12 +81,12 @@ def _cmd_engine(args) -> int:
 
     from sglang_gw.engine.models.builtin import ModelNotFoundError, resolve_model_path
     from sglang_gw.engine.server import run_engine_server
-    from sglang_gw.engine.settings import EngineArgs
+    from sglang_gw.engine.settings import EngineArgs, from_flags
 
     if getattr(args, "api_key", None) is None and os.environ.get("SGLANG_GW_API_KEY"):
         args.api_key = os.environ["SGLANG_GW_API_KEY"]
     try:
-        settings = _settings(args, EngineArgs, "sglang-gw engine")
+        settings = from_flags(args, EngineArgs, "sglang-gw engine")
         resolve_model_path(settings.model)  # fail before binding the port: a missing model is fatal
     except (ConfigError, ModelNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -15,7 +15,7 @@ import time
 
 import structlog
 
-from ..bootstrap import listening
+from ..serving import listening
 from ..config import ConfigError, ServeConfig, load_serve_config
 from ..gateway.app import Gateway
 from ..gateway.config import WorkerConfig

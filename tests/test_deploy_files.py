@@ -22,9 +22,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from sglang_gw.cli import _settings, build_parser
+from sglang_gw.cli import build_parser
 from sglang_gw.config import load_serve_config, parse_serve_config
-from sglang_gw.engine.settings import EngineArgs
+from sglang_gw.engine.settings import EngineArgs, from_flags
 from sglang_gw.gateway.config import GatewaySettings
 from sglang_gw.testing import DONE, free_port, sse_event
 
@@ -81,7 +81,7 @@ def _probe_target(container: dict, probe: str) -> tuple[str, int]:
 def _engine_args(container: dict) -> EngineArgs:
     argv = [*container.get("command", []), *container.get("args", [])]
     assert argv[:2] == ["sglang-gw", "engine"], argv
-    return _settings(build_parser().parse_args(argv[1:]), EngineArgs, "the engine container")  # as the engine would
+    return from_flags(build_parser().parse_args(argv[1:]), EngineArgs, "the engine container")  # as the engine would
 
 
 def _gateway_config_raw() -> dict:

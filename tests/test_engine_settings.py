@@ -16,9 +16,9 @@ import annotated_types
 import pytest
 
 from conftest import free_port_range, stop_process, wait_http
-from sglang_gw.cli import _settings, build_parser
+from sglang_gw.cli import build_parser
 from sglang_gw.config import ConfigError, parse_serve_config
-from sglang_gw.engine.settings import EngineArgs, ServerConfig, flag
+from sglang_gw.engine.settings import EngineArgs, ServerConfig, flag, from_flags
 from sglang_gw.supervisor.engines import plan_engines
 
 MODEL_DIR = "<model dir>"  # replaced by a real directory in each test
@@ -66,22 +66,22 @@ def _group(name: str, value, model_dir: str, **more) -> dict:
     return group
 
 
-def _engine_settings(group: dict) -> EngineArgs:
+def _enginefrom_flags(group: dict) -> EngineArgs:
     """The settings an engine planned from this group runs with: the supervisor's argv, parsed and
     validated by exactly the code `sglang-gw engine` runs."""
     spec = plan_engines(parse_serve_config({"engines": [group]}))[0]
     assert spec.argv[1:4] == ("-m", "sglang_gw", "engine")
-    return _settings(build_parser().parse_args(list(spec.argv[3:])), EngineArgs, "engine")
+    return from_flags(build_parser().parse_args(list(spec.argv[3:])), EngineArgs, "engine")
 
 
 @pytest.mark.parametrize("name", sorted(EXAMPLES))
 def test_every_setting_reaches_the_engine_through_the_supervisor_argv(name, tmp_path):
     value = tmp_path.as_posix() if EXAMPLES[name] == MODEL_DIR else EXAMPLES[name]
-    assert getattr(_engine_settings(_group(name, value, tmp_path.as_posix())), name) == value
+    assert getattr(_enginefrom_flags(_group(name, value, tmp_path.as_posix())), name) == value
     if not isinstance(value, bool):  # the same value given as an engine flag in extra_args
         group = _group(name, value, tmp_path.as_posix(), extra_args=[flag(name), str(value)])
         del group[name]
-        assert getattr(_engine_settings(group), name) == value
+        assert getattr(_enginefrom_flags(group), name) == value
 
 
 @pytest.mark.parametrize("name", sorted(n for n in EXAMPLES if _invalid(n) is not None))

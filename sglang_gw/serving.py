@@ -1,4 +1,5 @@
-"""Listening and signal wiring, shared by the engine, gateway and serve processes."""
+"""What the engine, gateway and serve processes share: listening until a signal, and the API key a
+request presents (one reading of the two headers, so that a key works the same at every hop)."""
 
 from __future__ import annotations
 
@@ -27,3 +28,9 @@ async def listening(app: web.Application, host: str, port: int) -> AsyncIterator
         yield stop
     finally:
         await runner.cleanup()
+
+
+def presented_key(request: web.Request) -> str:
+    """The key in `Authorization: Bearer …`, else in `x-api-key` (OpenAI's SDK sends the first)."""
+    auth = request.headers.get("Authorization", "")
+    return auth.removeprefix("Bearer ").strip() if auth.startswith("Bearer ") else request.headers.get("x-api-key", "")
