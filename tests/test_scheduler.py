@@ -200,3 +200,25 @@ def test_max_running_requests_caps_the_batch(tiny_models):
     params = SamplingParams(max_new_tokens=5, ignore_eos=True)
     requests = [(str(i), p, params) for i, p in enumerate(_random_prompts(8, seed=33))]
     assert sorted(_drive_by_hand(engine, requests)) == sorted(r[0] for r in requests)
+
+
+def test_prefill_steps_fill_max_prefill_tokens_with_chunks_of_chunked_prefill_size(tiny_models):
+    with Engine(model=str(tiny_models["llama"]), max_total_tokens=4096, chunked_prefill_size=16,
+                max_prefill_tokens=48) as engine:
+        pass
+    steps = []  # tokens per prefill step
+    run_batch = engine.scheduler._run_batch
+
+    def recording(batch, is_decode):
+        if not is_decode:
+            steps.append([n for _, n in batch])
+        run_batch(batch, is_decode)
+
+    engine.scheduler._run_batch = recording
+    params = SamplingParams(max_new_tokens=1, ignore_eos=True)
+    short = [(f"s{i}", p, params) for i, p in enumerate(_random_prompts(5, seed=35, lo=12, hi=12))]
+    _drive_by_hand(engine, short)
+    assert steps[:2] == [[12, 12, 12, 12], [12]]  # several requests share one step, up to 48 tokens
+    steps.clear()
+    _drive_by_hand(engine, [("long", _random_prompts(1, seed=36, lo=40, hi=40)[0], params)])
+    assert steps == [[16], [16], [8]]  # one request's chunks stay within chunked_prefill_size
