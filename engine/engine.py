@@ -21,12 +21,14 @@ import torch
 from transformers import AutoTokenizer
 
 from .attention import create_attention_backend
+from .cpu_kernels import KernelUnavailable
 from .kv_pool import KVLayout, KVPool, ReqToTokenTable
 from .models.builtin import resolve_model_path
+from .models.config import read_sampling_defaults
 from .models.llama import load_model
 from .radix_cache import RadixCache
 from .request import NO_LOGPROBS, FinishReason, LogprobRequest, Req, RequestOutput
-from .sampling_params import InvalidParamError, SamplingParams
+from .sampling_params import SAMPLING_DEFAULT_KEYS, InvalidParamError, SamplingParams
 from .scheduler import Scheduler
 from .settings import EngineConfig
 
@@ -97,6 +99,13 @@ class Engine:
             (self.tokenizer.eos_token_id,) if self.tokenizer.eos_token_id is not None else ()
         )
         self.context_length = min(config.context_length or mc.max_position, mc.max_position)
+        # What a request leaves unset comes from the model's generation_config.json (SGLang's
+        # --sampling-defaults model), read once here and applied to every request by `prepare`.
+        self.model_sampling_defaults = (read_sampling_defaults(self.model_path)
+                                        if config.sampling_defaults == "model" else {})
+        unset_request = SamplingParams().with_defaults(self.model_sampling_defaults)
+        default_sampling_params = {key: getattr(unset_request, key) for key in SAMPLING_DEFAULT_KEYS}
+        log.info("engine.sampling_defaults", source=config.sampling_defaults, **default_sampling_params)
 
         layout = KVLayout(mc.num_layers, mc.num_kv_heads, mc.head_dim, dtype)
         self.pool = KVPool(layout, self._pool_tokens(layout), self.device)
@@ -105,13 +114,21 @@ class Engine:
         backend = config.attention_backend
         if backend == "auto":
             backend = "cpu" if self.device.type == "cpu" else "torch"
-        attn = create_attention_backend(backend, self.pool, self.table)
+        try:
+            attn = create_attention_backend(backend, self.pool, self.table)
+        except KernelUnavailable as exc:  # chosen by auto: the reference still runs, only slower
+            if config.attention_backend != "auto":
+                raise
+            log.warning("engine.attention_fallback", backend="torch", reason=str(exc))
+            backend = "torch"
+            attn = create_attention_backend(backend, self.pool, self.table)
         self.scheduler = Scheduler(self.model, attn, self.pool, self.table, self.cache, config)
         # The settings as they run, where "auto" or a default was resolved (for /get_server_info).
         self.resolved_settings = {
             "dtype": str(dtype).removeprefix("torch."), "attention_backend": backend,
             "context_length": self.context_length, "max_total_tokens": self.pool.size,
             "max_prefill_tokens": config.prefill_step_tokens, "num_threads": torch.get_num_threads(),
+            "default_sampling_params": default_sampling_params,
         }
 
         self._inbox: deque[Message] = deque()
@@ -221,8 +238,8 @@ class Engine:
                 logprobs: LogprobRequest = NO_LOGPROBS, prompt_field: str = "input_ids") -> ValidatedRequest:
         """Tokenize; reject what cannot run (InvalidParamError naming the field); clip max_new_tokens to
         what the context and pool allow. Everything the scheduler thread indexes with is checked here,
-        before it gets there."""
-        params = params or SamplingParams()
+        before it gets there. Sampling fields the request left unset take the engine's defaults."""
+        params = (params or SamplingParams()).with_defaults(self.model_sampling_defaults)
         input_ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         vocab = self.model.config.vocab_size
         if not input_ids:
@@ -415,9 +432,18 @@ class _Result:
 
 
 def _resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return getattr(torch, name)
+    if name != "auto":
+        return getattr(torch, name)
+    if device.type == "cuda" or cpu_has_bf16_dot_products():
+        return torch.bfloat16
+    # Without them every bf16 product is emulated: 2-8x slower than float32 (measured in the issue 10 note).
+    return torch.float32
+
+
+def cpu_has_bf16_dot_products() -> bool:
+    """AVX512-BF16 or AMX: where oneDNN runs bf16 matmuls natively (torch's own probes of the CPU)."""
+    probes = (getattr(torch.cpu, "_is_avx512_bf16_supported", None), getattr(torch.cpu, "_is_amx_tile_supported", None))
+    return any(probe is not None and probe() for probe in probes)
 
 
 def _broadcast_params(params, count: int) -> list[SamplingParams]:

@@ -24,7 +24,8 @@ class StreamOptions(_Schema):
 
 
 class _SamplingFields(_Schema):
-    """Fields shared by /v1/completions and /v1/chat/completions (OpenAI's and SGLang's extras)."""
+    """Fields shared by /v1/completions and /v1/chat/completions (OpenAI's and SGLang's extras). A sampling
+    field left out (or null) is unset: the engine fills it with the model's default (Engine.prepare)."""
 
     model: str | None = None
     n: int = 1
@@ -38,10 +39,10 @@ class _SamplingFields(_Schema):
     frequency_penalty: float = 0.0
     logit_bias: dict[str, float] | None = None
     user: str | None = None
-    top_k: int = -1
-    min_p: float = 0.0
+    top_k: int | None = None
+    min_p: float | None = None
     min_tokens: int = 0
-    repetition_penalty: float = 1.0
+    repetition_penalty: float | None = None
     stop_token_ids: list[int] | None = None
     no_stop_trim: bool = False
     ignore_eos: bool = False
@@ -57,10 +58,8 @@ class _SamplingFields(_Schema):
                 raise bad_request("structured output (regex / json_schema / ebnf) is not supported yet", name,
                                   "unsupported")
         d = {
-            "temperature": 1.0 if self.temperature is None else self.temperature,
-            "top_p": 1.0 if self.top_p is None else self.top_p,
-            "top_k": self.top_k, "min_p": self.min_p, "n": self.n,
-            "presence_penalty": self.presence_penalty, "frequency_penalty": self.frequency_penalty,
+            "temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k, "min_p": self.min_p,
+            "n": self.n, "presence_penalty": self.presence_penalty, "frequency_penalty": self.frequency_penalty,
             "repetition_penalty": self.repetition_penalty, "min_new_tokens": self.min_tokens,
             "stop": self.stop, "stop_token_ids": self.stop_token_ids, "no_stop_trim": self.no_stop_trim,
             "ignore_eos": self.ignore_eos, "skip_special_tokens": self.skip_special_tokens,

@@ -73,7 +73,7 @@ class RadixCache:
         if self.disable:
             return MatchResult(self._no_slots(), self.root)
         node, _ = self._walk(tuple(map(int, key)))
-        return MatchResult(self._path_slots(node), node)
+        return MatchResult(self.path_slots(node), node)
 
     def insert(self, key: Sequence[int], slots: torch.Tensor) -> int:
         assert len(slots) == len(key), f"{len(slots)} slots for {len(key)} tokens"
@@ -124,7 +124,7 @@ class RadixCache:
         self._num_nodes += 1
         return upper
 
-    def _path_slots(self, node: TreeNode) -> torch.Tensor:
+    def path_slots(self, node: TreeNode) -> torch.Tensor:
         parts = []
         while node is not self.root:
             parts.append(node.value)

@@ -75,17 +75,16 @@ def sample(logits: torch.Tensor, reqs: list[Req]) -> SampleOutput:
     apply_logit_bias(logits, reqs)
     apply_penalties(logits, reqs)
     mask_stop_tokens_before_min(logits, reqs)
-    tokens: list[int] = []
+    tokens: list[int] = logits.argmax(dim=-1).tolist()  # one call for the whole batch; sampled rows overwrite theirs
     for i, req in enumerate(reqs):
         p = req.params
         if p.greedy:
-            tokens.append(int(torch.argmax(logits[i])))
             continue
         probs = filter_probs(torch.softmax(logits[i] / p.temperature, dim=-1), p.top_k, p.top_p, p.min_p)
         cdf = probs.cumsum(0)
         # The request's generator lives on the CPU whatever the device, so a seed means the same draws.
         u = torch.rand((), generator=req.generator).to(cdf.device) * cdf[-1]
-        tokens.append(min(int(torch.searchsorted(cdf, u, right=True)), probs.numel() - 1))
+        tokens[i] = min(int(torch.searchsorted(cdf, u, right=True)), probs.numel() - 1)
     if raw_logprobs is None:
         return SampleOutput(tokens, None, None)
     chosen = raw_logprobs[torch.arange(len(tokens)), torch.tensor(tokens)].tolist()

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
 
 
 class InvalidParamError(ValueError):
@@ -15,16 +16,32 @@ class InvalidParamError(ValueError):
         self.code = code
 
 
+class _UnsetFloat(float):
+    """A float field's fallback value, marked as not chosen by the caller: `with_defaults` may replace it.
+    Being the number itself, it works as the value wherever it is read before that."""
+
+
+class _UnsetInt(int):
+    """An int field's fallback value, marked like _UnsetFloat."""
+
+
+def _is_unset(value) -> bool:
+    return isinstance(value, (_UnsetFloat, _UnsetInt))
+
+
 @dataclass(frozen=True)
 class SamplingParams:
+    """A field the caller does not give (constructor keyword, JSON key) keeps its marked fallback, so it
+    stays unset through `dataclasses.replace` of other fields; explicit values are plain numbers."""
+
     max_new_tokens: int = 128
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = -1
-    min_p: float = 0.0
+    temperature: float = _UnsetFloat(1.0)
+    top_p: float = _UnsetFloat(1.0)
+    top_k: int = _UnsetInt(-1)
+    min_p: float = _UnsetFloat(0.0)
     frequency_penalty: float = 0.0
     presence_penalty: float = 0.0
-    repetition_penalty: float = 1.0
+    repetition_penalty: float = _UnsetFloat(1.0)
     min_new_tokens: int = 0
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
@@ -56,6 +73,17 @@ class SamplingParams:
         params.validate()
         return params
 
+    def with_defaults(self, model_defaults: Mapping[str, float | int]) -> "SamplingParams":
+        """Every field the caller left unset resolved, to the model's default where `model_defaults` has one
+        (see `read_sampling_defaults`), else to its fallback; explicit values stay as they are."""
+        resolved = {}
+        for name in SAMPLING_DEFAULT_KEYS:
+            value = getattr(self, name)
+            if _is_unset(value):
+                fallback = float(value) if isinstance(value, float) else int(value)
+                resolved[name] = model_defaults.get(name, fallback)
+        return replace(self, **resolved)
+
     @property
     def greedy(self) -> bool:
         return self.temperature < 1e-6
@@ -81,6 +109,10 @@ class SamplingParams:
         for name, ok, why in checks:
             if not ok:
                 raise InvalidParamError(name, why)
+
+
+# The fields a model's generation_config.json may give defaults for (SGLang's `--sampling-defaults model`).
+SAMPLING_DEFAULT_KEYS = tuple(f.name for f in fields(SamplingParams) if _is_unset(f.default))
 
 
 def _coerce(key: str, value):

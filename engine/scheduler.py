@@ -4,10 +4,16 @@ One `step()` runs one forward pass. Prefill comes first: if any waiting request 
 a chunked prefill is in flight) the step is an extend batch; otherwise every running request decodes
 one token. Requests join and leave between steps.
 
+Requests share while they run (SGLang's RadixAttention with `cache_unfinished_req`): after every
+prefill chunk a request's computed KV goes into the radix cache and stays locked there while it runs,
+so a request admitted one step later reuses it. Requests waiting on a prefix that a request of the
+same step is computing are held back for a step instead of computing it again (in-batch prefix caching).
+
 Memory invariant (checked by `check_integrity`): every usable KV slot is exactly one of
   free (pool free list) | held by the radix cache | held by one active request
 where a request holds row[prefix_len:kv_len] of its slot-table row (row[:prefix_len] is the cache's,
-locked through `last_node`). When idle, free + cached == pool size and nothing is locked.
+locked through `last_node`: after a prefill step prefix_len == kv_len, so only decoded tokens are the
+request's own). When idle, free + cached == pool size and nothing is locked.
 """
 
 from __future__ import annotations
@@ -35,11 +41,16 @@ MIN_NEW_TOKEN_RATIO = 0.098
 NEW_TOKEN_RATIO_DECAY = (INIT_NEW_TOKEN_RATIO - MIN_NEW_TOKEN_RATIO) / 600
 RETRACT_RATIO_STEP = 0.1
 LPM_FALLBACK_QUEUE_LEN = 128
+# A waiting request that shares at least this many not-yet-cached tokens with a request being prefilled
+# in the same step waits one step and then reads them from the cache (SGLang's threshold too).
+IN_BATCH_PREFIX_THRESHOLD = 32
 
 
 @dataclass
 class SchedulerStats:
     forward_tokens: int = 0  # tokens run through the model (prefill + decode)
+    prefill_tokens: int = 0  # of which in extend (prefill) batches
+    held_back: int = 0  # admissions deferred because a request of the same step computes their prefix
     retractions: int = 0
     aborted: int = 0
     finished: int = 0
@@ -98,6 +109,22 @@ class Scheduler:
         self.cache.dec_lock_ref(req.last_node)
         self.table.free(req.row)
         req.row, req.kv_len, req.prefix_len, req.last_node = None, 0, 0, None
+
+    def _cache_computed(self, req: Req) -> None:
+        """Put req's computed KV into the cache now, locked, instead of when it finishes: requests admitted
+        from the next step on reuse it. Where another request inserted the same tokens first, ours are
+        duplicates: freed, and the row points at the tree's slots (same tokens, same positions, same KV)."""
+        if self.cache.disable or req.prefix_len == req.kv_len:
+            return
+        key = req.all_ids[: req.kv_len]
+        row = self.table.table[req.row]
+        existing = self.cache.insert(key, row[: req.kv_len])
+        self.pool.free(row[req.prefix_len : existing].clone())
+        match = self.cache.match_prefix(key)
+        row[: req.kv_len] = match.indices
+        self.cache.inc_lock_ref(match.node)
+        self.cache.dec_lock_ref(req.last_node)
+        req.prefix_len, req.last_node = req.kv_len, match.node
 
     def _process_aborts(self) -> None:
         if not self._abort_rids:
@@ -168,6 +195,9 @@ class Scheduler:
             if budget <= 0 or active >= self.config.max_running_requests:
                 break
             match = self.cache.match_prefix(self._match_key(req))
+            if self._prefix_computed_in(batch, req, len(match.indices)):
+                self.stats.held_back += 1
+                continue
             remaining = len(req.all_ids) - len(match.indices)
             cost = remaining + req.reserved_tokens(self.new_token_ratio)
             if cost > headroom and (batch or self.running):
@@ -198,6 +228,17 @@ class Scheduler:
                 self.chunked = req
                 break
         return batch
+
+    @staticmethod
+    def _prefix_computed_in(batch: list[tuple[Req, int]], req: Req, cached: int) -> bool:
+        """Whether a request of this step's batch computes at least IN_BATCH_PREFIX_THRESHOLD of req's
+        uncached prompt tokens (it shares req's first cached + threshold tokens)."""
+        end = cached + IN_BATCH_PREFIX_THRESHOLD
+        ids = req.all_ids
+        if len(ids) <= end:
+            return False
+        head = ids[:end]
+        return any(len(other.all_ids) > end and other.all_ids[:end] == head for other, _ in batch)
 
     def _extend_into_row(self, req: Req, budget: int, allow_retract: bool) -> int | None:
         """Allocate slots for the next chunk of req's uncomputed tokens; returns the chunk length.
@@ -272,14 +313,19 @@ class Scheduler:
         self.attn.prepare(fb)
         logits = self.model.forward(fb, self.attn)
         self.stats.forward_tokens += fb.num_tokens
+        reused = sum(req.kv_len for req, _ in batch)  # KV the batch read instead of computing
         for req, n in batch:
             req.kv_len += n
-        self._log_batch(batch, is_decode)
+        if not is_decode:
+            self.stats.prefill_tokens += fb.num_tokens
+            for req, _ in batch:
+                self._cache_computed(req)
+        self._log_batch(batch, is_decode, reused)
         for req, first, count in prompt_spans:
             self._record_prompt_logprobs(req, logits[first : first + count], req.kv_len - count)
         self._sample_and_advance(sampled, logits)
 
-    def _log_batch(self, batch: list[tuple[Req, int]], is_decode: bool) -> None:
+    def _log_batch(self, batch: list[tuple[Req, int]], is_decode: bool, reused: int) -> None:
         """SGLang's batch log lines (operators grep for them), at most one per interval per kind."""
         now = time.monotonic()
         elapsed = now - self._last_log[is_decode]
@@ -295,7 +341,7 @@ class Scheduler:
                      f"gen throughput (token/s): {generated / elapsed:.2f}, #queue-req: {len(self.waiting)}")
         else:
             log.info(f"Prefill batch. #new-seq: {len(batch)}, #new-token: {sum(n for _, n in batch)}, "
-                     f"#cached-token: {sum(r.prefix_len for r, _ in batch)}, token usage: {usage:.2f}, "
+                     f"#cached-token: {reused}, token usage: {usage:.2f}, "
                      f"#running-req: {len(self.running)}, #queue-req: {len(self.waiting)}")
 
     def _record_prompt_logprobs(self, req: Req, logits: torch.Tensor, first_pos: int) -> None:
@@ -356,6 +402,10 @@ class Scheduler:
             f"{sum(h.numel() for h in held)} != pool size {self.pool.size}"
         )
         assert torch.unique(every).numel() == every.numel(), "a KV slot is owned twice"
+        for r in self.active_requests():  # row[:prefix_len] is the locked path of the cache that ends at last_node
+            assert r.last_node is self.cache.root or r.last_node.lock_ref > 0, f"{r.rid}: its cached prefix is unlocked"
+            path = self.cache.path_slots(r.last_node)
+            assert torch.equal(path, self.table.table[r.row, : r.prefix_len]), f"{r.rid}: row and cache disagree"
         if not self.has_work():
             assert self.cache.protected_size() == 0, "idle but some cache prefix is still locked"
             assert self.table.num_free() == self.config.max_running_requests, "idle but a table row is taken"

@@ -78,7 +78,8 @@ class EngineConfig(SchedulerConfig):
     model: str = setting(DEFAULT_MODEL, "an embedded model id (builtin:...) or an HF model directory")
     device: str = setting("cpu", "cpu, cuda or cuda:N")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = setting(
-        "auto", "weights and KV dtype; auto = float32 on CPU (CPU bf16 matmuls are slow), bfloat16 on CUDA")
+        "auto", "weights and KV dtype; auto = bfloat16 on CUDA and on CPUs with bf16 dot products (AVX512-BF16, "
+                "AMX), float32 on other CPUs (where bf16 is emulated and several times slower)")
     max_total_tokens: int | None = setting(None, "KV pool size in tokens (default: from kv_cache_gib on CPU, "
                                                  "mem_fraction_static on CUDA)", ge=1)
     kv_cache_gib: float = setting(1.0, "KV pool budget in GiB", devices=("cpu",), gt=0)
@@ -86,11 +87,15 @@ class EngineConfig(SchedulerConfig):
                                          devices=("cuda",), gt=0, lt=1)
     context_length: int | None = setting(None, "longest prompt + output in tokens (default and maximum: the "
                                                "model's max_position_embeddings)", ge=2)
+    sampling_defaults: Literal["model", "openai"] = setting(
+        "model", "what a request that leaves temperature, top_p, top_k, min_p or repetition_penalty unset gets: "
+                 "model = the model's generation_config.json values (where it has them), openai = temperature 1, "
+                 "no top-p/top-k/min-p, no repetition penalty")
     disable_radix_cache: bool = setting(False, "do not keep finished requests' KV for prefix reuse")
     attention_backend: Literal[("auto", *ATTENTION_BACKENDS)] = setting(
-        "auto", "torch: the reference; cpu: the reference plus a staged decode that keeps a dense copy of the "
-                "decoding requests' KV (~25% faster decode on CPU, up to 2x their KV memory); auto = cpu on CPU, "
-                "torch on CUDA")
+        "auto", "torch: the reference (SDPA); cpu: the reference plus a C++ decode kernel that reads the KV "
+                "pool in place, so requests sharing a prefix share its reads (compiled on first use; CPU devices "
+                "only); auto = cpu on CPU (torch where the kernel cannot be built), torch on CUDA")
     num_threads: int | None = setting(None, "torch threads for this process (default: torch's choice; split "
                                             "the cores between engines)", ge=1)
 
@@ -115,6 +120,9 @@ class EngineConfig(SchedulerConfig):
             if self.device_type not in devices:
                 raise ValueError(f"{name}: applies to {' and '.join(devices)} engines only, and this engine's "
                                  f"device is {self.device}")
+            if name == "attention_backend" and self.attention_backend == "cpu" and self.device_type != "cpu":
+                raise ValueError(f"attention_backend: cpu runs on CPU devices only, and this engine's device is "
+                                 f"{self.device}")
             if name in ("kv_cache_gib", "mem_fraction_static") and self.max_total_tokens is not None:
                 raise ValueError(f"{name}: not used when max_total_tokens sizes the KV pool; give one of them")
         return self

@@ -54,8 +54,6 @@ def _cmd_generate(args) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     prompt = args.prompt if args.raw else engine.apply_chat_template([{"role": "user", "content": args.prompt}])
-    params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                            sampling_seed=args.seed)
 
     async def stream() -> None:
         shown = 0
@@ -65,6 +63,9 @@ def _cmd_generate(args) -> int:
         print()
 
     try:
+        # Without --temperature, the engine's default applies (from_dict leaves a None unset).
+        params = SamplingParams.from_dict({"max_new_tokens": args.max_new_tokens, "temperature": args.temperature,
+                                           "sampling_seed": args.seed})
         asyncio.run(stream())
     except InvalidParamError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -236,7 +237,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("prompt")
     gen.add_argument("--raw", action="store_true", help="do not wrap the prompt in the chat template")
     gen.add_argument("--max-new-tokens", type=int, default=128)
-    gen.add_argument("--temperature", type=float, default=0.0)
+    gen.add_argument("--temperature", type=float, default=None,
+                     help="0 = greedy (default: the model's, see the sampling_defaults setting)")
     gen.add_argument("--seed", type=int, default=None)
     add_flags(gen, EngineConfig)
     gen.set_defaults(func=_cmd_generate)

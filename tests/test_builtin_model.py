@@ -104,6 +104,7 @@ def test_converted_dir_has_fixed_config_and_tokenizer(converted):
 
     generation = json.loads((converted / "generation_config.json").read_text())
     assert (generation["bos_token_id"], generation["eos_token_id"]) == (1, 2)
+    assert generation["do_sample"] is False  # the engine's default: greedy (see test_sampling_defaults.py)
 
     # Tied embeddings: save_pretrained writes no separate lm_head.
     with safe_open(str(converted / "model.safetensors"), framework="pt") as fh:
@@ -214,6 +215,19 @@ def test_resolve_local_paths(tmp_path):
 
     save_file({"w": torch.zeros(1)}, str(model_dir / "model.safetensors"))
     assert resolve_model_path(str(model_dir)) == model_dir.resolve()
+
+
+@needs_package
+def test_an_import_of_an_older_format_is_converted_again(tmp_cache, monkeypatch):
+    calls: list = []
+    monkeypatch.setattr(builtin, "_convert", _fake_convert(calls))
+    target = import_builtin(MODEL_ID, progress=False)
+    marker = json.loads((target / MARKER_NAME).read_text())
+    (target / MARKER_NAME).write_text(json.dumps(dict(marker, format=marker["format"] - 1)))
+    assert import_builtin(MODEL_ID, progress=False) == target
+    assert len(calls) == 2
+    assert json.loads((target / MARKER_NAME).read_text())["format"] == marker["format"]
+    assert import_builtin(MODEL_ID, progress=False) == target and len(calls) == 2  # current now: reused
 
 
 @needs_package

@@ -30,7 +30,7 @@ def test_engine_refuses_invalid_config_naming_the_field(args, field):
 def test_model_list_and_generate(tiny_models):
     assert "builtin:smollm2-135m-instruct" in _cli("model", "list").stdout
     result = _cli("generate", "Paris is", "--model", str(tiny_models["qwen2"]), "--raw", "--max-new-tokens", "5",
-                  "--num-threads", "1")
+                  "--temperature", "0", "--num-threads", "1")
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip(), "no text was generated"
 

@@ -7,8 +7,15 @@ import random
 import time
 
 import pytest
+import torch
+import torch.nn.functional as F
+
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from sglang_gw.engine import Engine, SamplingParams
+from sglang_gw.engine.request import Req
 
 
 def _random_prompts(n: int, seed: int, lo: int = 8, hi: int = 48) -> list[list[int]]:
@@ -152,30 +159,52 @@ async def _last(agen):
     return out
 
 
-def test_staged_decode_backend_matches_reference_while_the_batch_shrinks(tiny_models):
-    # 30 requests decode together; the first 27 finish early, leaving rows at the far end of the
-    # dense buffer, which the staged backend then compacts.
-    prompts = _random_prompts(30, seed=21)
+def test_paged_decode_kernel_matches_reference_while_the_batch_shrinks(tiny_models):
+    # 30 requests decode together and finish at different steps; half share a prefix (shared slots).
+    prefix = _random_prompts(1, seed=20, lo=40, hi=40)[0]
+    prompts = [(prefix if i % 2 else []) + p for i, p in enumerate(_random_prompts(30, seed=21))]
     params = [SamplingParams(max_new_tokens=60 if i >= 27 else 3 + i % 5, temperature=0, ignore_eos=True)
               for i in range(30)]
     outputs = {}
     for backend in ("torch", "cpu"):
         with Engine(model=str(tiny_models["llama"]), max_total_tokens=8192, attention_backend=backend) as engine:
             outputs[backend] = [o.output_ids for o in engine.generate(prompts, params)]
-            if backend == "cpu":
-                assert engine.scheduler.attn.compactions > 0
             engine.check_integrity()
     assert outputs["cpu"] == outputs["torch"]
 
 
-def _drive_by_hand(engine: Engine, requests: list[tuple[str, list[int], SamplingParams]]) -> list[str]:
-    """Queue requests on a stopped engine's scheduler and step it on this thread; rids in finish order."""
-    from sglang_gw.engine.request import Req
+def test_paged_decode_kernel_equals_sdpa_for_every_dtype():
+    from sglang_gw.engine import cpu_kernels
 
+    kernel = cpu_kernels.load("decode_attention")
+    gen = torch.Generator().manual_seed(0)
+    pool_k, pool_v = (torch.randn(500, 2, 16, generator=gen) for _ in range(2))
+    q = torch.randn(3, 6, 16, generator=gen)  # 3 requests, 6 query heads over 2 kv heads
+    lens = torch.tensor([1, 37, 120])
+    slots = torch.randint(1, 500, (3, 120), generator=gen)
+    slots[1, :37] = slots[2, :37]  # a shared prefix
+    for dtype, tolerance in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2), (torch.float16, 2e-3)):
+        out = kernel.decode_attention(q.to(dtype), pool_k.to(dtype), pool_v.to(dtype), slots, lens, 16 ** -0.5)
+        for b, n in enumerate(lens.tolist()):
+            keys, values = (p[slots[b, :n]].transpose(0, 1)[None].to(dtype).float() for p in (pool_k, pool_v))
+            ref = F.scaled_dot_product_attention(q[b].to(dtype).float()[None, :, None], keys, values, enable_gqa=True)
+            torch.testing.assert_close(out[b].float(), ref[0, :, 0], atol=tolerance, rtol=tolerance)
+
+
+def _drive_by_hand(engine: Engine, requests: list[tuple[str, list[int], SamplingParams]],
+                   finals: dict | None = None) -> list[str]:
+    """Queue requests on a stopped engine's scheduler and step it on this thread; rids in finish order
+    (and each final output in `finals`, by rid)."""
     sched, finished = engine.scheduler, []
+    finals = {} if finals is None else finals
+
+    def record(out):
+        if out.finished:
+            finished.append(out.rid)
+            finals[out.rid] = out
+
     for rid, prompt, params in requests:
-        sched.add(Req(rid, prompt, params, tokenizer=engine.tokenizer, eos_token_ids=(),
-                      on_output=lambda out: finished.append(out.rid) if out.finished else None))
+        sched.add(Req(rid, prompt, params, tokenizer=engine.tokenizer, eos_token_ids=(), on_output=record))
     while sched.has_work():
         sched.step()
         assert len(sched.active_requests()) <= sched.config.max_running_requests
@@ -222,3 +251,107 @@ def test_prefill_steps_fill_max_prefill_tokens_with_chunks_of_chunked_prefill_si
     steps.clear()
     _drive_by_hand(engine, [("long", _random_prompts(1, seed=36, lo=40, hi=40)[0], params)])
     assert steps == [[16], [16], [8]]  # one request's chunks stay within chunked_prefill_size
+
+
+# ---- sharing while requests run ----
+
+
+def test_concurrent_requests_compute_a_shared_prefix_once(tiny_models):
+    with Engine(model=str(tiny_models["llama"]), max_total_tokens=8192) as engine:
+        pass
+    rng = random.Random(41)
+    prefix = [rng.randrange(3, 500) for _ in range(1000)]
+    suffixes = _random_prompts(16, seed=42, lo=5, hi=40)
+    params = SamplingParams(max_new_tokens=4, temperature=0, ignore_eos=True)
+    finals = {}
+    _drive_by_hand(engine, [(str(i), prefix + s, params) for i, s in enumerate(suffixes)], finals)
+    stats = engine.scheduler.stats
+    assert stats.prefill_tokens <= 1.05 * (len(prefix) + sum(map(len, suffixes)))
+    assert sorted(o.cached_tokens >= len(prefix) for o in finals.values()) == [False] + [True] * 15
+    assert stats.held_back >= 15
+
+
+def test_a_request_admitted_while_another_decodes_reuses_its_prompt(tiny_models):
+    with Engine(model=str(tiny_models["qwen3"]), max_total_tokens=8192) as engine:
+        pass
+    sched = engine.scheduler
+    prefix = _random_prompts(1, seed=43, lo=300, hi=300)[0]
+    outputs = {}
+    params = SamplingParams(max_new_tokens=50, temperature=0, ignore_eos=True)
+    for rid, prompt in (("first", prefix + [7, 8]), ("second", prefix + [9])):
+        sched.add(Req(rid, prompt, params, tokenizer=engine.tokenizer, eos_token_ids=(),
+                      on_output=lambda out: outputs.__setitem__(out.rid, out)))
+        sched.step()
+        if rid == "first":
+            sched.step()  # first now decodes, with 50 tokens still to go
+            assert [r.rid for r in sched.running] == ["first"] and not outputs["first"].finished
+    assert outputs["second"].cached_tokens >= len(prefix)
+    sched.check_integrity()
+
+
+class SchedulerMachine(RuleBasedStateMachine):
+    """Random interleavings of admission, prefill chunks, decode steps, finishing, aborts and retraction
+    on a real engine with a small pool, short chunks and prompts built from a few shared prefixes; the
+    scheduler's integrity check (memory invariant, locks, rows vs cache) must hold after every rule."""
+
+    engine: Engine  # one per test run, set below: loading a model per example would dominate
+
+    def __init__(self):
+        super().__init__()
+        self.sched = self.engine.scheduler
+        assert not self.sched.has_work(), "the previous run's teardown left work behind"
+        self.engine.cache.reset()
+        self.prefixes = _random_prompts(3, seed=44, lo=20, hi=60)
+        self.count = 0
+        self.finished: set[str] = set()
+
+    def _track(self, out):
+        if out.finished:
+            assert out.rid not in self.finished, "a request finished twice"
+            self.finished.add(out.rid)
+
+    @rule(prefix=st.integers(0, 3), tail=st.lists(st.integers(3, 500), min_size=1, max_size=30),
+          max_new=st.integers(0, 12))
+    def add(self, prefix, tail, max_new):
+        self.count += 1
+        prompt = (self.prefixes[prefix] if prefix < 3 else []) + tail
+        params = SamplingParams(max_new_tokens=max_new, temperature=0, ignore_eos=True)
+        self.sched.add(Req(str(self.count), prompt, params, tokenizer=self.engine.tokenizer, eos_token_ids=(),
+                           on_output=self._track))
+
+    @precondition(lambda self: self.sched.has_work())
+    @rule(steps=st.integers(1, 4))
+    def step(self, steps):
+        for _ in range(steps):
+            if self.sched.has_work():
+                self.sched.step()
+
+    @precondition(lambda self: self.sched.waiting or self.sched.active_requests())
+    @rule(pick=st.integers(0, 1000))
+    def abort(self, pick):
+        reqs = self.sched.waiting + self.sched.active_requests()
+        self.sched.abort(reqs[pick % len(reqs)].rid)
+
+    @precondition(lambda self: self.sched.running)
+    @rule()
+    def retract(self):
+        self.sched._retract_one()
+
+    @invariant()
+    def integrity(self):
+        self.sched.check_integrity()
+
+    def teardown(self):
+        while self.sched.has_work():
+            self.sched.step()
+        self.sched.check_integrity()
+        assert self.finished == {str(i) for i in range(1, self.count + 1)}, "a request never finished"
+
+
+def test_scheduler_integrity_under_random_interleavings(tiny_models):
+    with Engine(model=str(tiny_models["llama"]), max_total_tokens=300, chunked_prefill_size=24,
+                max_prefill_tokens=48, max_running_requests=6) as engine:
+        pass
+    SchedulerMachine.engine = engine
+    SchedulerMachine.TestCase.settings = settings(max_examples=40, stateful_step_count=30, deadline=None)
+    SchedulerMachine.TestCase().runTest()

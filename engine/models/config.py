@@ -1,10 +1,13 @@
-"""The model facts our forward pass needs, read from an HF config.json (transformers 4.x or 5.x)."""
+"""The model facts our forward pass needs, read from an HF config.json (transformers 4.x or 5.x), and the
+sampling defaults of its generation_config.json."""
 
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass
 from pathlib import Path
+
+from ..sampling_params import SAMPLING_DEFAULT_KEYS, InvalidParamError, SamplingParams
 
 # architectures → family; the families differ only in the flags below.
 _FAMILIES = {
@@ -78,6 +81,26 @@ class ModelConfig:
             qk_norm=family == "qwen3",
             eos_token_ids=eos_ids,
         )
+
+
+def read_sampling_defaults(model_dir: str | Path) -> dict[str, float | int]:
+    """The sampling defaults a model's generation_config.json gives (only the keys it sets), read as HF
+    generate reads them: `do_sample: false` means greedy whatever the temperature, and top_k 0 means no
+    top-k. A value no request could give is a ValueError naming the file."""
+    path = Path(model_dir) / "generation_config.json"
+    if not path.is_file():
+        return {}
+    generation_config = json.loads(path.read_text())
+    given = {key: generation_config[key] for key in SAMPLING_DEFAULT_KEYS if generation_config.get(key) is not None}
+    if generation_config.get("do_sample") is False:
+        given["temperature"] = 0.0
+    if given.get("top_k") == 0:
+        given["top_k"] = -1
+    try:
+        params = SamplingParams.from_dict(given)
+    except InvalidParamError as exc:
+        raise ValueError(f"{path}: {exc}") from None
+    return {key: getattr(params, key) for key in given}
 
 
 def _rope_config(raw: dict) -> RopeConfig:

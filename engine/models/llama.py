@@ -1,7 +1,7 @@
 """Our forward pass for the Llama family (Llama, Mistral-style, Qwen2 with QKV bias, Qwen3 with q/k norms).
 
 Weights are loaded from HF safetensors and fused at load time: q/k/v into one projection and
-gate/up into another, so each layer runs four matmuls.
+gate/up into another, so each layer runs four matmuls (each a `Linear`: prepacked for oneDNN on CPU).
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from safetensors import safe_open
 from ..attention import AttentionBackend
 from ..batch import ForwardBatch
 from .config import ModelConfig, RopeConfig
+from .linear import Linear
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -55,14 +56,13 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 @dataclass
 class LayerWeights:
     input_norm: torch.Tensor
-    qkv: torch.Tensor
-    qkv_bias: torch.Tensor | None
+    qkv: Linear
     q_norm: torch.Tensor | None
     k_norm: torch.Tensor | None
-    o_proj: torch.Tensor
+    o_proj: Linear
     post_norm: torch.Tensor
-    gate_up: torch.Tensor
-    down: torch.Tensor
+    gate_up: Linear
+    down: Linear
 
 
 class LlamaForCausalLM:
@@ -77,7 +77,8 @@ class LlamaForCausalLM:
 
         self.embed = w("model.embed_tokens.weight")
         self.norm = w("model.norm.weight")
-        self.lm_head = self.embed if c.tie_word_embeddings or "lm_head.weight" not in weights else w("lm_head.weight")
+        self.lm_head = Linear(self.embed if c.tie_word_embeddings or "lm_head.weight" not in weights
+                              else w("lm_head.weight"))
         self.layers = []
         for i in range(c.num_layers):
             p = f"model.layers.{i}."
@@ -85,16 +86,15 @@ class LlamaForCausalLM:
             self.layers.append(
                 LayerWeights(
                     input_norm=w(p + "input_layernorm.weight"),
-                    qkv=torch.cat([w(a + "q_proj.weight"), w(a + "k_proj.weight"), w(a + "v_proj.weight")]),
-                    qkv_bias=torch.cat([w(a + "q_proj.bias"), w(a + "k_proj.bias"), w(a + "v_proj.bias")])
-                    if c.qkv_bias
-                    else None,
+                    qkv=Linear(torch.cat([w(a + "q_proj.weight"), w(a + "k_proj.weight"), w(a + "v_proj.weight")]),
+                               torch.cat([w(a + "q_proj.bias"), w(a + "k_proj.bias"), w(a + "v_proj.bias")])
+                               if c.qkv_bias else None),
                     q_norm=w(a + "q_norm.weight") if c.qk_norm else None,
                     k_norm=w(a + "k_norm.weight") if c.qk_norm else None,
-                    o_proj=w(a + "o_proj.weight"),
+                    o_proj=Linear(w(a + "o_proj.weight")),
                     post_norm=w(p + "post_attention_layernorm.weight"),
-                    gate_up=torch.cat([w(p + "mlp.gate_proj.weight"), w(p + "mlp.up_proj.weight")]),
-                    down=w(p + "mlp.down_proj.weight"),
+                    gate_up=Linear(torch.cat([w(p + "mlp.gate_proj.weight"), w(p + "mlp.up_proj.weight")])),
+                    down=Linear(w(p + "mlp.down_proj.weight")),
                 )
             )
         inv_freq = rope_inv_freq(c.rope, c.head_dim)
@@ -112,7 +112,7 @@ class LlamaForCausalLM:
         h = F.embedding(batch.input_ids, self.embed)
         for i, layer in enumerate(self.layers):
             x = rms_norm(h, layer.input_norm, c.rms_norm_eps)
-            q, k, v = F.linear(x, layer.qkv, layer.qkv_bias).split([q_size, kv_size, kv_size], dim=-1)
+            q, k, v = layer.qkv(x).split([q_size, kv_size, kv_size], dim=-1)
             q = q.view(num_tokens, c.num_heads, c.head_dim)
             k = k.view(num_tokens, c.num_kv_heads, c.head_dim)
             v = v.view(num_tokens, c.num_kv_heads, c.head_dim)
@@ -120,11 +120,11 @@ class LlamaForCausalLM:
                 q = rms_norm(q, layer.q_norm, c.rms_norm_eps)
                 k = rms_norm(k, layer.k_norm, c.rms_norm_eps)
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-            h = h + F.linear(attn.forward(q, k, v, i), layer.o_proj)
-            gate, up = F.linear(rms_norm(h, layer.post_norm, c.rms_norm_eps), layer.gate_up).chunk(2, dim=-1)
-            h = h + F.linear(F.silu(gate) * up, layer.down)
+            h = h + layer.o_proj(attn.forward(q, k, v, i))
+            gate, up = layer.gate_up(rms_norm(h, layer.post_norm, c.rms_norm_eps)).chunk(2, dim=-1)
+            h = h + layer.down(F.silu(gate) * up)
         h = rms_norm(h[batch.logits_index], self.norm, c.rms_norm_eps)
-        return F.linear(h, self.lm_head).float()
+        return self.lm_head(h).float()
 
 
 def load_model(path: str | Path, dtype: torch.dtype, device: torch.device) -> LlamaForCausalLM:
