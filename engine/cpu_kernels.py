@@ -25,10 +25,15 @@ class KernelUnavailable(RuntimeError):
     pass
 
 
+def cpu_has(feature: str) -> bool:
+    """torch's own probe of this CPU, e.g. "avx2", "avx512_bf16", "amx_tile" (absent in old torch: no)."""
+    return bool(getattr(torch.cpu, f"_is_{feature}_supported", lambda: False)())
+
+
 def _isa_flags() -> tuple[str, list[str]]:
-    if torch.cpu._is_avx512_supported():
+    if cpu_has("avx512"):
         return "avx512", ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma"]
-    if torch.cpu._is_avx2_supported():
+    if cpu_has("avx2"):
         return "avx2", ["-mavx2", "-mfma"]
     return "base", []
 

@@ -355,3 +355,27 @@ def test_scheduler_integrity_under_random_interleavings(tiny_models):
     SchedulerMachine.engine = engine
     SchedulerMachine.TestCase.settings = settings(max_examples=40, stateful_step_count=30, deadline=None)
     SchedulerMachine.TestCase().runTest()
+
+
+def test_auto_falls_back_to_the_reference_when_the_kernel_cannot_be_built(tiny_models, monkeypatch):
+    from sglang_gw.engine import attention, cpu_kernels
+
+    def no_compiler(name):
+        raise cpu_kernels.KernelUnavailable("no C++ compiler")
+
+    monkeypatch.setattr(attention.cpu_kernels, "load", no_compiler)
+    with Engine(model=str(tiny_models["llama"]), max_total_tokens=1024) as engine:
+        assert engine.resolved_settings["attention_backend"] == "torch"
+        assert len(engine.generate([5, 6, 7], SamplingParams(max_new_tokens=3, temperature=0))[0].output_ids) == 3
+    with pytest.raises(cpu_kernels.KernelUnavailable, match="no C.. compiler"):
+        Engine(model=str(tiny_models["llama"]), max_total_tokens=1024, attention_backend="cpu")
+
+
+@pytest.mark.parametrize("features, expected", [((), torch.float32), (("avx512_bf16",), torch.bfloat16),
+                                                (("amx_tile",), torch.bfloat16)])
+def test_dtype_auto_is_bfloat16_only_where_the_cpu_has_bf16_dot_products(monkeypatch, features, expected):
+    from sglang_gw.engine import engine as engine_module
+
+    monkeypatch.setattr(engine_module, "cpu_has", lambda feature: feature in features)
+    assert engine_module._resolve_dtype("auto", torch.device("cpu")) == expected
+    assert engine_module._resolve_dtype("float32", torch.device("cpu")) == torch.float32

@@ -33,9 +33,30 @@ void decode_attention_impl(const T* q, const T* k_pool, const T* v_pool, const i
       const int64_t* slot = slots + b * slots_stride;
       for (int64_t i = 0; i < heads * head_dim; ++i) qf[i] = static_cast<float>(q[b * heads * head_dim + i]) * scale;
       scores.resize(heads * len);
-      // Scores: one dot product per (position, query head); -ffast-math lets the compiler vectorise
-      // each with a single horizontal sum.
-      for (int64_t j = 0; j < len; ++j) {
+      // Scores, four positions at a time: four independent dot products per query head share each load
+      // of q and keep the vector units busy; -ffast-math lets the compiler vectorise each dot product.
+      int64_t j = 0;
+      for (; j + 4 <= len; j += 4) {
+        const T* k0 = k_pool + slot[j] * row;
+        const T* k1 = k_pool + slot[j + 1] * row;
+        const T* k2 = k_pool + slot[j + 2] * row;
+        const T* k3 = k_pool + slot[j + 3] * row;
+        for (int64_t qh = 0; qh < heads; ++qh) {
+          const int64_t offset = (qh / group) * head_dim;
+          const float* qv = qf.data() + qh * head_dim;
+          float d0 = 0.f, d1 = 0.f, d2 = 0.f, d3 = 0.f;
+          for (int64_t d = 0; d < head_dim; ++d) {
+            const float qd = qv[d];
+            d0 += qd * static_cast<float>(k0[offset + d]);
+            d1 += qd * static_cast<float>(k1[offset + d]);
+            d2 += qd * static_cast<float>(k2[offset + d]);
+            d3 += qd * static_cast<float>(k3[offset + d]);
+          }
+          float* s = scores.data() + qh * len + j;
+          s[0] = d0, s[1] = d1, s[2] = d2, s[3] = d3;
+        }
+      }
+      for (; j < len; ++j) {
         const T* key = k_pool + slot[j] * row;
         for (int64_t qh = 0; qh < heads; ++qh) {
           const T* kh = key + (qh / group) * head_dim;
