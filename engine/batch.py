@@ -21,7 +21,6 @@ class ForwardBatch:
     positions: torch.Tensor  # [T] int64
     out_slots: torch.Tensor  # [T] int64, where the new tokens' K/V are written
     rows: list[int]
-    kv_keys: list[int]  # changes whenever a request's row is (re)filled: admission, re-admission
     seq_lens: list[int]
     extend_lens: list[int]
     logits_index: torch.Tensor  # token indices whose logits are returned

@@ -99,7 +99,6 @@ class Req:
         self.kv_len = 0  # leading tokens of all_ids whose KV is in the row
         self.prefix_len = 0  # leading tokens of the row that the radix cache holds (locked via last_node)
         self.last_node = None
-        self.kv_key = -1  # new on every (re-)admission, so backends can tell a refilled row apart
         self.cached_tokens = 0  # prompt tokens served from the cache at first admission
         self.admitted = False
         self.input_logprobs_done = False

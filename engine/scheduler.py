@@ -18,7 +18,6 @@ request's own). When idle, free + cached == pool size and nothing is locked.
 
 from __future__ import annotations
 
-import itertools
 import time
 from dataclasses import dataclass
 
@@ -74,7 +73,6 @@ class Scheduler:
         self.new_token_ratio = INIT_NEW_TOKEN_RATIO
         self.stats = SchedulerStats()
         self._abort_rids: set[str] = set()
-        self._kv_keys = itertools.count()
         self._last_log = {True: 0.0, False: 0.0}  # per is_decode: time of the last batch log line
         self._generated_at_last_log = 0
 
@@ -210,7 +208,6 @@ class Scheduler:
             prefix_len = len(match.indices)
             self.table.table[row, :prefix_len] = match.indices
             req.row, req.kv_len, req.prefix_len, req.last_node = row, prefix_len, prefix_len, match.node
-            req.kv_key = next(self._kv_keys)
             n = self._extend_into_row(req, budget, allow_retract=False)
             if n is None:
                 self._release(req)
@@ -305,7 +302,6 @@ class Scheduler:
             positions=torch.tensor(positions, dtype=torch.int64, device=device),
             out_slots=torch.cat(out_slots),
             rows=[req.row for req, _ in batch],
-            kv_keys=[req.kv_key for req, _ in batch],
             seq_lens=[req.kv_len + n for req, n in batch],
             extend_lens=[n for _, n in batch],
             logits_index=torch.tensor(logits_index, dtype=torch.int64, device=device),

@@ -15,7 +15,6 @@ import torch.nn.functional as F
 
 class Linear:
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
-        self.out_features, self.in_features = weight.shape
         self.bias = bias
         self.prepacked = (weight.device.type == "cpu" and weight.dtype == torch.float32
                           and torch.backends.mkldnn.is_available())
