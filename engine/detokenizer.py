@@ -79,6 +79,24 @@ class StopStringMatcher:
         return 0
 
 
+class StopRegexMatcher:
+    """SGLang's stop_regex: the output ends at the first match of any pattern, keeping the matched text.
+    No text is held back while streaming: a match found now ends in the newest text (an earlier one would
+    have stopped an earlier step), so what was streamed stays a prefix of the final text."""
+
+    def __init__(self, patterns: tuple[str, ...]):
+        self.patterns = [re.compile(p) for p in patterns]  # validated by SamplingParams
+
+    def find(self, text: str) -> tuple[int, str] | None:
+        """(end of the earliest-ending match, its pattern), or None."""
+        best = None
+        for pattern in self.patterns:
+            match = pattern.search(text)
+            if match and (best is None or match.end() < best[0]):
+                best = (match.end(), pattern.pattern)
+        return best
+
+
 _BYTE_OF_CHAR = {char: byte for byte, char in bytes_to_unicode().items()}
 _BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 

@@ -22,6 +22,7 @@ from transformers import AutoTokenizer
 
 from .attention import create_attention_backend
 from .cpu_kernels import KernelUnavailable, cpu_has
+from .grammar import GrammarStats, InvalidGrammar, create_grammar_backend
 from .kv_pool import KVLayout, KVPool, ReqToTokenTable
 from .models.builtin import resolve_model_path
 from .models.config import read_sampling_defaults
@@ -46,6 +47,7 @@ class ValidatedRequest:
     input_ids: list[int]
     params: SamplingParams
     logprobs: LogprobRequest
+    grammar: str | None = None  # params' grammar, compiled by the engine's grammar backend
 
 
 # The scheduler thread's inbox: every message is one of these; anything else is a programming error.
@@ -122,7 +124,9 @@ class Engine:
             log.warning("engine.attention_fallback", backend="torch", reason=str(exc))
             backend = "torch"
             attn = create_attention_backend(backend, self.pool, self.table)
-        self.scheduler = Scheduler(self.model, attn, self.pool, self.table, self.cache, config)
+        self.grammar = create_grammar_backend(config.grammar_backend, self.tokenizer, mc.vocab_size,
+                                              self.eos_token_ids)
+        self.scheduler = Scheduler(self.model, attn, self.pool, self.table, self.cache, config, self.grammar)
         # The settings as they run, where "auto" or a default was resolved (for /get_server_info).
         self.resolved_settings = {
             "dtype": str(dtype).removeprefix("torch."), "attention_backend": backend,
@@ -189,6 +193,7 @@ class Engine:
                     self.scheduler.step()
                     self._flush_outbox()
                 else:
+                    self._flush_outbox()  # a request may finish on admission (its grammar forced all of it)
                     calls, self._idle_calls = self._idle_calls, []
                     for call in calls:
                         call.run()
@@ -231,14 +236,17 @@ class Engine:
 
     # ---- requests -------------------------------------------------------------------------------
 
-    def apply_chat_template(self, messages: list[dict]) -> str:
-        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    def apply_chat_template(self, messages: list[dict], tools: list[dict] | None = None) -> str:
+        return self.tokenizer.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=True)
 
     def prepare(self, prompt: Prompt, params: SamplingParams | None = None,
-                logprobs: LogprobRequest = NO_LOGPROBS, prompt_field: str = "input_ids") -> ValidatedRequest:
-        """Tokenize; reject what cannot run (InvalidParamError naming the field); clip max_new_tokens to
-        what the context and pool allow. Everything the scheduler thread indexes with is checked here,
-        before it gets there. Sampling fields the request left unset take the engine's defaults."""
+                logprobs: LogprobRequest = NO_LOGPROBS, prompt_field: str = "input_ids",
+                grammar_field: str | None = None) -> ValidatedRequest:
+        """Tokenize; reject what cannot run (InvalidParamError naming the field: `grammar_field`, where the
+        request's grammar came from another field than its kind, e.g. response_format); clip
+        max_new_tokens to what the context and pool allow; compile the grammar. Everything the scheduler
+        thread indexes with is checked here, before it gets there. Sampling fields the request left unset
+        take the engine's defaults."""
         params = (params or SamplingParams()).with_defaults(self.model_sampling_defaults)
         input_ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         vocab = self.model.config.vocab_size
@@ -259,7 +267,19 @@ class Engine:
         if len(input_ids) + params.max_new_tokens > limit:
             params = replace(params, max_new_tokens=limit - len(input_ids))
             params = replace(params, min_new_tokens=min(params.min_new_tokens, params.max_new_tokens))
-        return ValidatedRequest(input_ids, params, logprobs)
+        return ValidatedRequest(input_ids, params, logprobs, self._compile(params, grammar_field))
+
+    def _compile(self, params: SamplingParams, field: str | None) -> str | None:
+        spec = params.grammar
+        if spec is None:
+            return None
+        if self.grammar is None:
+            raise InvalidParamError(field or spec.kind, "constrained output is off on this engine "
+                                                        "(grammar_backend: none)", "unsupported")
+        try:
+            return self.grammar.compile(spec)
+        except InvalidGrammar as exc:
+            raise InvalidParamError(field or spec.kind, f"invalid {spec.kind}: {exc}") from None
 
     def _submit(self, request: ValidatedRequest, on_output: Callable[[RequestOutput], None], *,
                 rid: str | None = None, sample_index: int = 0) -> str:
@@ -270,8 +290,10 @@ class Engine:
                 self._live.pop(rid, None)
             on_output(out)
 
+        # Each sequence (each of n samples) walks its own copy of the grammar.
+        matcher = self.grammar.matcher(request.grammar) if request.grammar is not None else None
         req = Req(rid, request.input_ids, request.params, tokenizer=self.tokenizer, eos_token_ids=self.eos_token_ids,
-                  on_output=track, logprobs=request.logprobs, sample_index=sample_index)
+                  on_output=track, logprobs=request.logprobs, sample_index=sample_index, grammar=matcher)
         self._live[rid] = req
         self._send(AddRequest(req))
         return rid
@@ -344,7 +366,8 @@ class Engine:
             # Prefill the shared prompt once so that every sample reuses its KV from the cache (no
             # logprobs: the samples report those). Generating nothing keeps the request valid.
             prefill_params = replace(request.params, n=1, max_new_tokens=0, min_new_tokens=0)
-            prefill_rid = self._submit(replace(request, params=prefill_params, logprobs=NO_LOGPROBS), deliver)
+            prefill_rid = self._submit(replace(request, params=prefill_params, logprobs=NO_LOGPROBS, grammar=None),
+                                       deliver)
             while not (out := await queue.get()).finished or out.rid != prefill_rid:
                 pass
             prompt_cached = out.cached_tokens  # what the cache really saved this request
@@ -399,6 +422,13 @@ class Engine:
             "cache_hit_rate": s.stats.cached_tokens / s.stats.prompt_tokens if s.stats.prompt_tokens else 0.0,
             "num_retracted_reqs": s.stats.retractions,
         }
+
+    def grammar_counts(self) -> dict[str, int]:
+        """Counters of constrained output: grammars compiled, compiled-grammar cache hits, and output
+        tokens the grammars forced (emitted without sampling). Zeros where constrained output is off."""
+        g = self.grammar.stats if self.grammar is not None else GrammarStats()
+        return {"grammar_compiled": g.compiled, "grammar_cache_hits": g.cache_hits,
+                "grammar_forced_tokens": self.scheduler.stats.forced_tokens}
 
     def check_integrity(self) -> None:
         self.run_when_idle(self.scheduler.check_integrity)

@@ -41,6 +41,7 @@ class _EngineCollector:
             "cached_tokens": stats.cached_tokens,
             "num_requests": stats.finished,
             "num_aborted_requests": stats.aborted,
+            **engine.grammar_counts(),
         }
         for name, value in counters.items():
             c = CounterMetricFamily(f"sglang:{name}", name.replace("_", " "), labels=["model_name"])

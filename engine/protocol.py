@@ -6,13 +6,15 @@ SGLang's `sampling_params` are errors, as in SGLang.
 
 from __future__ import annotations
 
+import json
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from ..errors import bad_request
 from ..validation import describe
-from .sampling_params import InvalidParamError, SamplingParams
+from .sampling_params import GRAMMAR_KINDS, InvalidParamError, SamplingParams
+from .tool_calls import ANY_OBJECT, ForcedToolCalls
 
 
 class _Schema(BaseModel):
@@ -21,6 +23,24 @@ class _Schema(BaseModel):
 
 class StreamOptions(_Schema):
     include_usage: bool = False
+
+
+class JsonSchemaFormat(_Schema):
+    name: str | None = None
+    description: str | None = None
+    schema_: dict | bool | None = Field(None, alias="schema")
+    strict: bool | None = None  # accepted; the output always matches the schema (unsupported keywords are 400s)
+
+
+class ResponseFormat(_Schema):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self):
+        if self.type == "json_schema" and (self.json_schema is None or self.json_schema.schema_ is None):
+            raise ValueError("json_schema.schema is required for type json_schema")
+        return self
 
 
 class _SamplingFields(_Schema):
@@ -48,22 +68,35 @@ class _SamplingFields(_Schema):
     ignore_eos: bool = False
     skip_special_tokens: bool = True
     regex: str | None = None
-    json_schema: str | None = None
+    json_schema: str | dict | None = None
     ebnf: str | None = None
+    stop_regex: str | list[str] | None = None
+    response_format: ResponseFormat | None = None
     rid: str | None = None
 
-    def sampling_dict(self, max_new_tokens: int | None) -> dict:
-        for name in ("regex", "json_schema", "ebnf"):
-            if getattr(self, name) is not None:
-                raise bad_request("structured output (regex / json_schema / ebnf) is not supported yet", name,
-                                  "unsupported")
+    def grammar(self) -> tuple[dict, str | None]:
+        """The output's grammar as sampling fields ({} or one of regex / json_schema / ebnf), and the
+        request field to name when it is invalid."""
+        given = {kind: getattr(self, kind) for kind in GRAMMAR_KINDS if getattr(self, kind) is not None}
+        fmt = self.response_format
+        if fmt is not None and fmt.type != "text":
+            schema = ANY_OBJECT if fmt.type == "json_object" else fmt.json_schema.schema_
+            if given:
+                raise bad_request(f"give either response_format or {next(iter(given))}", "response_format")
+            field = "response_format" if fmt.type == "json_object" else "response_format.json_schema.schema"
+            return {"json_schema": json.dumps(schema)}, field
+        if len(given) > 1:
+            raise bad_request(f"give at most one of {', '.join(GRAMMAR_KINDS)}", list(given)[1])
+        return given, None
+
+    def sampling_dict(self, max_new_tokens: int | None, grammar: dict) -> dict:
         d = {
             "temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k, "min_p": self.min_p,
             "n": self.n, "presence_penalty": self.presence_penalty, "frequency_penalty": self.frequency_penalty,
             "repetition_penalty": self.repetition_penalty, "min_new_tokens": self.min_tokens,
             "stop": self.stop, "stop_token_ids": self.stop_token_ids, "no_stop_trim": self.no_stop_trim,
             "ignore_eos": self.ignore_eos, "skip_special_tokens": self.skip_special_tokens,
-            "sampling_seed": self.seed, "logit_bias": self.logit_bias,
+            "sampling_seed": self.seed, "logit_bias": self.logit_bias, "stop_regex": self.stop_regex, **grammar,
         }
         if max_new_tokens is not None:
             d["max_new_tokens"] = max_new_tokens
@@ -85,11 +118,43 @@ class TextPart(_Schema):
 class ChatMessage(_Schema):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
+    name: str | None = None
+    tool_calls: list[dict] | None = None  # an assistant's earlier calls
+    tool_call_id: str | None = None  # a tool's answer: the call it answers
 
     def text(self) -> str:
         if isinstance(self.content, list):
             return "".join(part.text for part in self.content)
         return self.content or ""
+
+    def for_template(self) -> dict:
+        """The message as chat templates read it (tool fields only where given)."""
+        message = {"role": self.role, "content": self.text()}
+        for key in ("name", "tool_calls", "tool_call_id"):
+            if getattr(self, key) is not None:
+                message[key] = getattr(self, key)
+        return message
+
+
+class FunctionDefinition(_Schema):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    description: str | None = None
+    parameters: dict | None = None
+    strict: bool | None = None
+
+
+class Tool(_Schema):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class FunctionName(_Schema):
+    name: str
+
+
+class NamedToolChoice(_Schema):
+    type: Literal["function"]
+    function: FunctionName
 
 
 class ChatCompletionRequest(_SamplingFields):
@@ -98,16 +163,31 @@ class ChatCompletionRequest(_SamplingFields):
     max_completion_tokens: int | None = None
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
-    response_format: dict | None = None
-    tools: list | None = None
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True
 
-    @model_validator(mode="after")
-    def _supported(self):
-        if self.response_format is not None and self.response_format.get("type") != "text":
-            raise ValueError("response_format json_object / json_schema is not supported yet")
-        if self.tools:
-            raise ValueError("tools are not supported yet")
-        return self
+    def forced_tool_calls(self) -> ForcedToolCalls | None:
+        """The tool calls the output is constrained to, or None (tool_choice "none", or no tools)."""
+        choice = self.tool_choice
+        if not self.tools:
+            if choice is not None and choice != "none":
+                raise bad_request("tool_choice needs tools", "tool_choice")
+            return None
+        if choice == "none":
+            return None
+        if choice is None or choice == "auto":
+            raise bad_request("tool_choice \"auto\" (the default with tools) is not supported: no model family's "
+                              "tool-call syntax is parsed yet; pass \"required\" or a named function, whose calls "
+                              "are guaranteed by constrained decoding", "tool_choice", "unsupported")
+        parameters = {t.function.name: t.function.parameters or ANY_OBJECT for t in self.tools}
+        named = choice.function.name if isinstance(choice, NamedToolChoice) else None
+        if named is not None and named not in parameters:
+            raise bad_request(f"tool_choice names {named!r}, which is not among the tools", "tool_choice")
+        grammar, _ = self.grammar()
+        if grammar:
+            raise bad_request("a forced tool call cannot also have an output format", "tool_choice")
+        return ForcedToolCalls(parameters, named, self.parallel_tool_calls)
 
 
 class GenerateRequest(_Schema):

@@ -8,7 +8,8 @@ from typing import Callable
 
 import torch
 
-from .detokenizer import IncrementalDetokenizer, StopStringMatcher
+from .detokenizer import IncrementalDetokenizer, StopRegexMatcher, StopStringMatcher
+from .grammar import Matcher
 from .sampling_params import SamplingParams
 
 
@@ -73,6 +74,7 @@ class Req:
         on_output: Callable[[RequestOutput], None],
         logprobs: LogprobRequest = NO_LOGPROBS,
         sample_index: int = 0,
+        grammar: Matcher | None = None,
     ):
         self.rid = rid
         self.sample_index = sample_index
@@ -87,6 +89,8 @@ class Req:
         self.generator.manual_seed(seed if seed is not None else int(torch.randint(0, 2**62, ()).item()))
         self.detok = IncrementalDetokenizer(tokenizer, params.skip_special_tokens, params.spaces_between_special_tokens)
         self.stop_matcher = StopStringMatcher(params.stop)
+        self.stop_regex = StopRegexMatcher(params.stop_regex) if params.stop_regex else None
+        self.grammar = grammar  # the output's grammar state: it follows output_ids through retraction
 
         self.output_ids: list[int] = []
         self.text = ""  # final text so far (stop-trimmed once finished)
@@ -128,21 +132,33 @@ class Req:
         remaining = self.params.max_new_tokens - len(self.output_ids)
         return int(min(max(remaining, 0), 4096) * new_token_ratio)
 
-    def append_token(self, token_id: int) -> None:
-        """Record a sampled token and decide whether the request has finished."""
-        if self.first_token_time is None:
+    def append_token(self, token_id: int, forced: bool = False) -> None:
+        """Record a token (sampled, or `forced` by the grammar) and decide whether the request has finished."""
+        if self.first_token_time is None and not forced:
             self.first_token_time = time.perf_counter()
         self.output_ids.append(token_id)
+        if self.grammar is not None and not self.grammar.accept(token_id):  # the mask allowed it: a bug
+            self.finish_reason = FinishReason("abort", message=f"grammar rejected token {token_id}: "
+                                                                f"{self.grammar.error()}")
+            return
         if token_id in self.stop_token_ids:
             self.finish_reason = FinishReason("stop", matched=token_id)
             return
         new_text = self.detok.add(token_id)
         self.text += new_text
         hit = self.stop_matcher.find(self.text, len(new_text))
+        regex_hit = self.stop_regex.find(self.text) if self.stop_regex and new_text else None
         if hit is not None:
             pos, stop = hit
             self.text = self.text[: pos + len(stop)] if self.params.no_stop_trim else self.text[:pos]
             self.finish_reason = FinishReason("stop", matched=stop)
+        elif regex_hit is not None:
+            end, pattern = regex_hit
+            self.text = self.text[:end]
+            self.finish_reason = FinishReason("stop", matched=pattern)
+        elif self.grammar is not None and self.grammar.is_stopped():
+            self.text += self.detok.flush()
+            self.finish_reason = FinishReason("stop", matched=None)  # the grammar is complete
         elif len(self.output_ids) >= self.params.max_new_tokens:
             self.finish_reason = FinishReason("length", length=len(self.output_ids))
             self.text += self.detok.flush()

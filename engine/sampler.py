@@ -1,7 +1,8 @@
 """Turns a batch of logits into next tokens (and their logprobs), one row per request.
 
-Order per row, as in SGLang/vLLM: logit bias → penalties → min_new_tokens mask → (greedy: argmax) →
-temperature → top-k → top-p → min-p → draw with the request's own generator. Each request owns a
+Order per row, as in SGLang/vLLM: logit bias → penalties → min_new_tokens mask → grammar mask →
+(greedy: argmax) → temperature → top-k → top-p → min-p → draw with the request's own generator.
+Logprobs are those of the raw distribution, before any of these. Each request owns a
 seeded torch.Generator, so its samples do not depend on which other requests share the batch.
 """
 
@@ -11,7 +12,25 @@ from dataclasses import dataclass
 
 import torch
 
+from .grammar import apply_bitmask
 from .request import Req
+
+
+@dataclass(frozen=True)
+class GrammarMasks:
+    """The allowed tokens of the batch's constrained rows: bitmask row i belongs to logits row rows[i]."""
+
+    rows: list[int]
+    bitmask: torch.Tensor  # int32 [len(rows), ceil(V / 32)]
+
+    def apply(self, logits: torch.Tensor) -> None:
+        if len(self.rows) == logits.shape[0]:
+            apply_bitmask(logits, self.bitmask)
+            return
+        index = torch.tensor(self.rows, device=logits.device)
+        constrained = logits[index]
+        apply_bitmask(constrained, self.bitmask)
+        logits[index] = constrained
 
 
 @dataclass
@@ -68,13 +87,15 @@ def filter_probs(probs: torch.Tensor, top_k: int, top_p: float, min_p: float) ->
     return probs
 
 
-def sample(logits: torch.Tensor, reqs: list[Req]) -> SampleOutput:
+def sample(logits: torch.Tensor, reqs: list[Req], masks: GrammarMasks | None = None) -> SampleOutput:
     """logits [B, V] float32 (modified in place)."""
     want_logprobs = any(r.logprobs.return_logprob for r in reqs)
     raw_logprobs = torch.log_softmax(logits, dim=-1) if want_logprobs else None
     apply_logit_bias(logits, reqs)
     apply_penalties(logits, reqs)
     mask_stop_tokens_before_min(logits, reqs)
+    if masks is not None:
+        masks.apply(logits)
     tokens: list[int] = logits.argmax(dim=-1).tolist()  # one call for the whole batch; sampled rows overwrite theirs
     for i, req in enumerate(reqs):
         p = req.params

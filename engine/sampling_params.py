@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
+
 
 
 class InvalidParamError(ValueError):
@@ -14,6 +17,17 @@ class InvalidParamError(ValueError):
         super().__init__(f"{param}: {message}")
         self.param = param
         self.code = code
+
+
+GRAMMAR_KINDS = ("regex", "json_schema", "ebnf")  # SGLang's sampling_params fields, one per kind of grammar
+
+
+@dataclass(frozen=True)
+class GrammarSpec:
+    """What a request constrains its output to: `kind` is one of GRAMMAR_KINDS, `source` its text."""
+
+    kind: str
+    source: str
 
 
 class _UnsetFloat(float):
@@ -52,6 +66,12 @@ class SamplingParams:
     no_stop_trim: bool = False
     logit_bias: dict[int, float] = field(default_factory=dict)
     sampling_seed: int | None = None
+    # Constrained output: at most one grammar (see engine/grammar.py); stop_regex ends the output at the
+    # first match of any of its patterns, keeping the matched text (as SGLang does).
+    regex: str | None = None
+    json_schema: str | None = None
+    ebnf: str | None = None
+    stop_regex: tuple[str, ...] = ()
 
     @staticmethod
     def from_dict(d: dict | None) -> "SamplingParams":
@@ -60,10 +80,6 @@ class SamplingParams:
         known = {f.name: f for f in fields(SamplingParams)}
         kwargs = {}
         for key, value in d.items():
-            if key in ("regex", "json_schema", "ebnf"):
-                if value is not None:
-                    raise InvalidParamError(key, "structured output is not supported yet", "unsupported")
-                continue
             if key not in known:
                 raise InvalidParamError(key, "unknown sampling parameter")
             if value is None:
@@ -89,6 +105,13 @@ class SamplingParams:
         return self.temperature < 1e-6
 
     @property
+    def grammar(self) -> GrammarSpec | None:
+        for kind in GRAMMAR_KINDS:
+            if getattr(self, kind) is not None:
+                return GrammarSpec(kind, getattr(self, kind))
+        return None
+
+    @property
     def needs_penalties(self) -> bool:
         return bool(self.frequency_penalty or self.presence_penalty or self.repetition_penalty != 1.0)
 
@@ -105,10 +128,19 @@ class SamplingParams:
             ("min_new_tokens", 0 <= self.min_new_tokens <= self.max_new_tokens, "must be in [0, max_new_tokens]"),
             ("n", self.n >= 1, "must be >= 1"),
             ("stop", all(isinstance(s, str) and s for s in self.stop), "must be non-empty strings"),
+            ("stop_regex", all(isinstance(s, str) and s for s in self.stop_regex), "must be non-empty strings"),
         ]
         for name, ok, why in checks:
             if not ok:
                 raise InvalidParamError(name, why)
+        given = [kind for kind in GRAMMAR_KINDS if getattr(self, kind) is not None]
+        if len(given) > 1:
+            raise InvalidParamError(given[1], f"give at most one of {', '.join(GRAMMAR_KINDS)} (got {', '.join(given)})")
+        for pattern in self.stop_regex:
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise InvalidParamError("stop_regex", f"invalid regex {pattern!r}: {exc}") from None
 
 
 # The fields a model's generation_config.json may give defaults for (SGLang's `--sampling-defaults model`).
@@ -117,12 +149,22 @@ SAMPLING_DEFAULT_KEYS = tuple(f.name for f in fields(SamplingParams) if _is_unse
 
 def _coerce(key: str, value):
     """JSON value → the field's type, refusing lossy or nonsensical conversions."""
-    if key in ("stop",):
+    if key in ("stop", "stop_regex"):
         if isinstance(value, str):
             return (value,)
         if isinstance(value, list) and all(isinstance(s, str) for s in value):
             return tuple(value)
         raise InvalidParamError(key, "must be a string or a list of strings")
+    if key in ("regex", "ebnf"):
+        if isinstance(value, str):
+            return value
+        raise InvalidParamError(key, "must be a string")
+    if key == "json_schema":  # SGLang takes the schema as a JSON string; an object is taken as well
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (dict, bool)):
+            return json.dumps(value)
+        raise InvalidParamError(key, "must be a JSON schema (a string or an object)")
     if key == "stop_token_ids":
         if isinstance(value, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in value):
             return tuple(value)

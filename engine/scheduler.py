@@ -9,6 +9,11 @@ prefill chunk a request's computed KV goes into the radix cache and stays locked
 so a request admitted one step later reuses it. Requests waiting on a prefix that a request of the
 same step is computing are held back for a step instead of computing it again (in-batch prefix caching).
 
+Constrained requests (engine/grammar.py): each step's sampling is masked by every constrained request's
+grammar. Where a grammar allows a single continuation, the run of tokens is appended unsampled
+(jump-forward): at admission it is prefilled with the prompt; after a decode step the request goes back
+to the head of the queue, its KV to the cache, and the run is extended in the next step.
+
 Memory invariant (checked by `check_integrity`): every usable KV slot is exactly one of
   free (pool free list) | held by the radix cache | held by one active request
 where a request holds row[prefix_len:kv_len] of its slot-table row (row[:prefix_len] is the cache's,
@@ -26,10 +31,11 @@ import torch
 
 from .attention import AttentionBackend
 from .batch import ForwardBatch
+from .grammar import GrammarBackend
 from .kv_pool import KVPool, ReqToTokenTable
 from .radix_cache import RadixCache
 from .request import FinishReason, Req
-from .sampler import sample, top_logprobs
+from .sampler import GrammarMasks, sample, top_logprobs
 from .settings import SchedulerConfig
 
 log = structlog.get_logger(__name__)
@@ -50,6 +56,7 @@ class SchedulerStats:
     forward_tokens: int = 0  # tokens run through the model (prefill + decode)
     prefill_tokens: int = 0  # of which in extend (prefill) batches
     held_back: int = 0  # admissions deferred because a request of the same step computes their prefix
+    forced_tokens: int = 0  # constrained output tokens emitted without sampling (jump-forward)
     retractions: int = 0
     aborted: int = 0
     finished: int = 0
@@ -60,8 +67,9 @@ class SchedulerStats:
 
 class Scheduler:
     def __init__(self, model, attn: AttentionBackend, pool: KVPool, table: ReqToTokenTable, cache: RadixCache,
-                 config: SchedulerConfig):
+                 config: SchedulerConfig, grammar: GrammarBackend | None = None):
         self.model = model
+        self.grammar = grammar
         self.attn = attn
         self.pool = pool
         self.table = table
@@ -79,6 +87,11 @@ class Scheduler:
     # ---- requests in and out -------------------------------------------------------------------
 
     def add(self, req: Req) -> None:
+        if self._jumps_forward(req) and not req.output_ids:
+            self._jump_forward(req)  # a forced opening (e.g. '{"name": "') is prefilled with the prompt
+            if req.finished:  # the grammar was one fixed string
+                self._finish(req)
+                return
         self.waiting.append(req)
 
     def abort(self, rid: str) -> None:
@@ -214,9 +227,10 @@ class Scheduler:
                 break
             if not req.admitted:
                 req.admitted = True
-                req.cached_tokens = prefix_len
+                # Forced output tokens prefill with the prompt and may be cached: count prompt tokens only.
+                req.cached_tokens = min(prefix_len, len(req.origin_input_ids))
                 self.stats.prompt_tokens += len(req.origin_input_ids)
-                self.stats.cached_tokens += prefix_len
+                self.stats.cached_tokens += req.cached_tokens
             self.waiting.remove(req)
             batch.append((req, n))
             budget -= n
@@ -361,13 +375,16 @@ class Scheduler:
         if to_sample:
             reqs = [req for req, _ in to_sample]
             rows = torch.tensor([row for _, row in to_sample], dtype=torch.int64, device=logits.device)
-            out = sample(logits[rows], reqs)
+            out = sample(logits[rows], reqs, self._grammar_masks(reqs))
             for i, req in enumerate(reqs):
                 req.append_token(out.token_ids[i])
                 self.stats.generated_tokens += 1
                 if req.logprobs.return_logprob:
                     req.output_token_logprobs.append((out.logprobs[i], out.token_ids[i]))
                     req.output_top_logprobs.append(out.top_logprobs[i])
+                # Forced tokens mid-sequence are extended from the cache next step: not without a cache.
+                if not req.finished and self._jumps_forward(req) and not self.cache.disable:
+                    self._jump_forward(req)
         for req, _ in sampled:
             if req.params.max_new_tokens == 0:
                 req.finish_reason = FinishReason("length", length=0)  # prefill only: the prompt is now cached
@@ -376,10 +393,37 @@ class Scheduler:
                 if was_running:
                     self.running.remove(req)
                 self._finish(req)
-            else:
-                if not was_running:
-                    self.running.append(req)
-                req.on_output(req.snapshot())
+                continue
+            req.on_output(req.snapshot())
+            if len(req.all_ids) - req.kv_len > 1:
+                # Forced tokens need their KV computed: back to the queue's head, to extend next step
+                # (its KV goes to the cache and is matched again on admission, as after a retraction).
+                if was_running:
+                    self.running.remove(req)
+                self._release(req)
+                self.waiting.insert(0, req)
+            elif not was_running:
+                self.running.append(req)
+
+    def _grammar_masks(self, reqs: list[Req]) -> GrammarMasks | None:
+        rows = [i for i, req in enumerate(reqs) if req.grammar is not None]
+        if not rows:
+            return None
+        bitmask = torch.empty(len(rows), self.grammar.words_per_mask, dtype=torch.int32)
+        self.grammar.fill_bitmask([reqs[i].grammar for i in rows], bitmask)
+        return GrammarMasks(rows, bitmask)
+
+    def _jumps_forward(self, req: Req) -> bool:
+        # Forced tokens get no logprobs (no forward pass scores them): a request asking for logprobs samples all.
+        return req.grammar is not None and not self.config.disable_jump_forward and not req.logprobs.return_logprob
+
+    def _jump_forward(self, req: Req) -> None:
+        """Append the run of tokens the grammar allows as the only continuation (within max_new_tokens)."""
+        for token in req.grammar.forced_tokens()[: req.params.max_new_tokens - len(req.output_ids)]:
+            req.append_token(token, forced=True)
+            self.stats.forced_tokens += 1
+            if req.finished:
+                return
 
     # ---- checks ---------------------------------------------------------------------------------
 

@@ -32,6 +32,7 @@ from .detokenizer import token_bytes, token_label
 from .request import LogprobRequest, RequestOutput
 from .sampling_params import InvalidParamError, SamplingParams
 from .settings import EngineArgs
+from .tool_calls import ForcedToolCalls, new_call_id
 
 log = structlog.get_logger(__name__)
 
@@ -56,8 +57,10 @@ class EngineServer:
         r = self.app.router
         r.add_get("/health", self.health)
         r.add_get("/health_generate", self.health_generate)
-        r.add_get("/get_model_info", self.model_info)
-        r.add_get("/get_server_info", self.server_info)
+        for path in ("/get_model_info", "/model_info"):  # SGLang serves both names
+            r.add_get(path, self.model_info)
+        for path in ("/get_server_info", "/server_info"):
+            r.add_get(path, self.server_info)
         r.add_get("/metrics", self.prometheus)
         r.add_get("/v1/models", self.models)
         r.add_post("/generate", self.generate)
@@ -124,10 +127,10 @@ class EngineServer:
                            param="model", code="model_not_found")
 
     def _prepare(self, prompt: str | list[int], params: SamplingParams, logprobs: LogprobRequest,
-                 field: str) -> ValidatedRequest:
-        """Tokenize and validate before any response byte is sent, so errors are plain 400s."""
+                 field: str, grammar_field: str | None = None) -> ValidatedRequest:
+        """Tokenize, validate and compile the grammar before any response byte is sent, so errors are 400s."""
         try:
-            return self.engine.prepare(prompt, params, logprobs, prompt_field=field)
+            return self.engine.prepare(prompt, params, logprobs, prompt_field=field, grammar_field=grammar_field)
         except InvalidParamError as exc:
             raise bad_request(str(exc), exc.param, exc.code) from None
 
@@ -208,6 +211,7 @@ class EngineServer:
             **self.args.model_dump(exclude={"api_key"}), **self.engine.resolved_settings,
             "model_path": self.args.model, "served_model_name": self.served_model_name,
             "state": self.state, "inflight_requests": self.inflight, **self.engine.live_stats(),
+            **self.engine.grammar_counts(),
         })
 
     def _require_loaded(self) -> None:
@@ -302,8 +306,10 @@ class EngineServer:
                 raise bad_request("echo is not supported", "echo", "unsupported")
             batch = isinstance(req.prompt, list) and req.prompt and not isinstance(req.prompt[0], int)
             prompts = req.prompt if batch else [req.prompt]
-            params = sampling_params(req.sampling_dict(req.max_tokens))
-            return await self._openai(request, req, prompts, params, top=req.logprobs, chat=False)
+            grammar, grammar_field = req.grammar()
+            params = sampling_params(req.sampling_dict(req.max_tokens, grammar))
+            return await self._openai(request, req, prompts, params, top=req.logprobs, chat=False,
+                                      grammar_field=grammar_field)
 
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
         body = await read_json(request)
@@ -311,25 +317,31 @@ class EngineServer:
             req = parse(ChatCompletionRequest, body)
             self._check_model(req.model)
             max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+            tools = req.forced_tool_calls()
+            grammar, grammar_field = ({"json_schema": json.dumps(tools.schema())}, "tools") if tools else req.grammar()
             # No limit given: up to the context, which engine.prepare clips to.
             params = sampling_params(req.sampling_dict(max_tokens if max_tokens is not None
-                                                       else self.engine.context_length))
-            messages = [{"role": m.role, "content": m.text()} for m in req.messages]
-            try:
-                text = self.engine.apply_chat_template(messages)
+                                                       else self.engine.context_length, grammar))
+            messages = [m.for_template() for m in req.messages]
+            declared = [t.model_dump(exclude_none=True) for t in req.tools] if req.tools else None
+            try:  # templates that know tools show them to the model; the others ignore them
+                text = self.engine.apply_chat_template(messages, tools=declared)
             except Exception as exc:  # the template itself may refuse a conversation (e.g. role order)
                 raise bad_request(f"chat template failed: {exc}", "messages") from None
             # The rendered template already holds its special tokens (BOS included, where it has one).
             prompt = self.engine.tokenizer.encode(text, add_special_tokens=False)
             top = (req.top_logprobs or 0) if req.logprobs else None
-            return await self._openai(request, req, [prompt], params, top=top, chat=True)
+            return await self._openai(request, req, [prompt], params, top=top, chat=True, grammar_field=grammar_field,
+                                      tools=tools)
 
-    async def _openai(self, request, req, prompts, params: SamplingParams, top: int | None, chat: bool):
+    async def _openai(self, request, req, prompts, params: SamplingParams, top: int | None, chat: bool,
+                      grammar_field: str | None, tools: ForcedToolCalls | None = None):
         """Both OpenAI endpoints: one job per prompt; choice index = prompt index * n + sample index."""
         base = req.rid or uuid.uuid4().hex
         logprobs = LogprobRequest(return_logprob=top is not None, top_logprobs_num=top or 0)
         field = "messages" if chat else "prompt"
-        jobs = [(self._prepare(p, params, logprobs, field), f"{base}-{i}") for i, p in enumerate(prompts)]
+        jobs = [(self._prepare(p, params, logprobs, field, grammar_field), f"{base}-{i}")
+                for i, p in enumerate(prompts)]
         object_id = ("chatcmpl-" if chat else "cmpl-") + base
         created = int(time.time())
 
@@ -339,7 +351,7 @@ class EngineServer:
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             return await self._sse(request, self._openai_stream(jobs, chat, object_id, created, choice_index,
-                                                                logprobs.return_logprob, include_usage))
+                                                                logprobs.return_logprob, include_usage, tools))
         finals: dict[int, tuple[int, RequestOutput]] = {}
         async for job, out in self._run(jobs):
             if out.finished:
@@ -349,7 +361,11 @@ class EngineServer:
             job, out = finals[index]
             choice = {"index": index, "finish_reason": _finish(out)}
             if chat:
-                choice["message"] = {"role": "assistant", "content": out.text}
+                calls = _tool_calls(tools, out)
+                choice["message"] = ({"role": "assistant", "content": None, "tool_calls": calls} if calls
+                                     else {"role": "assistant", "content": out.text})
+                if calls:
+                    choice["finish_reason"] = "tool_calls"
                 choice["logprobs"] = self._chat_logprobs(out, 0) if top is not None else None
             else:
                 choice["text"] = out.text
@@ -361,7 +377,10 @@ class EngineServer:
         })
 
     async def _openai_stream(self, jobs, chat: bool, object_id: str, created: int, choice_index,
-                             with_logprobs: bool, include_usage: bool) -> AsyncIterator[dict]:
+                             with_logprobs: bool, include_usage: bool,
+                             tools: ForcedToolCalls | None) -> AsyncIterator[dict]:
+        """Chunks as the outputs grow. Forced tool calls: a named function's arguments stream as they are
+        generated; "required" calls are sent whole once the output is complete (when they parse)."""
         shown_text: dict[int, int] = {}  # per choice: characters and tokens already sent
         shown_tokens: dict[int, int] = {}
         shown_offset: dict[int, int] = {}  # completions logprobs: text_offset continues across chunks
@@ -372,12 +391,31 @@ class EngineServer:
             index = choice_index(job, out)
             first = index not in shown_text
             delta_text = out.text[shown_text.get(index, 0):]
+            if tools is not None and tools.named is None and not out.finished:
+                continue  # "required" calls are sent whole
             if not (delta_text or out.finished or first):
                 continue  # nothing new to show yet (a held-back partial character or stop string)
             start = shown_tokens.get(index, 0)
             choice = {"index": index, "finish_reason": _finish(out)}
             if chat:
-                choice["delta"] = {"role": "assistant", "content": delta_text} if first else {"content": delta_text}
+                delta = {"role": "assistant"} if first else {}
+                if tools is None:
+                    delta["content"] = delta_text
+                elif tools.named is not None:
+                    call = {"index": 0, "function": {"arguments": delta_text}}
+                    if first:
+                        call.update(id=new_call_id(), type="function")
+                        call["function"]["name"] = tools.named
+                        delta["content"] = None
+                    delta["tool_calls"] = [call]
+                    if out.finish_reason is not None and out.finish_reason.type == "stop":
+                        choice["finish_reason"] = "tool_calls"
+                elif calls := _tool_calls(tools, out):
+                    delta.update(content=None, tool_calls=[dict(call, index=i) for i, call in enumerate(calls)])
+                    choice["finish_reason"] = "tool_calls"
+                else:  # ended before the calls were complete: the text as it is
+                    delta["content"] = delta_text
+                choice["delta"] = delta
                 choice["logprobs"] = self._chat_logprobs(out, start) if with_logprobs else None
             else:
                 choice["text"] = delta_text
@@ -421,6 +459,13 @@ def _finish(out: RequestOutput) -> str | None:
     if out.finish_reason is None:
         return None
     return {"stop": "stop", "length": "length"}.get(out.finish_reason.type, "abort")
+
+
+def _tool_calls(tools: ForcedToolCalls | None, out: RequestOutput) -> list[dict] | None:
+    """The calls of a forced tool call's output, when it completed (it ended as its grammar allows)."""
+    if tools is None or out.finish_reason is None or out.finish_reason.type != "stop":
+        return None
+    return tools.calls(out.text)
 
 
 def _usage(finals: list[tuple[int, RequestOutput]]) -> dict:

@@ -28,6 +28,7 @@ from ..validation import Strict, validate
 
 DEFAULT_MODEL = "builtin:smollm2-135m-instruct"
 ATTENTION_BACKENDS = ("torch", "cpu")  # the names engine/attention.py registers
+GRAMMAR_BACKENDS = ("llguidance", "none")  # the names engine/grammar.py registers
 ALL_DEVICES = ("cpu", "cuda")
 
 
@@ -57,6 +58,9 @@ class SchedulerConfig(Settings):
                                                    "(default: chunked_prefill_size)", ge=1)
     schedule_policy: Literal["fcfs", "lpm"] = setting("fcfs", "waiting-queue order: fcfs (arrival) or lpm "
                                                               "(longest cached prefix first)")
+    disable_jump_forward: bool = setting(False, "sample every token of a constrained output, even where its "
+                                               "grammar allows only one continuation (by default such runs "
+                                               "are emitted without a forward pass each)")
     batch_log_interval: float = setting(5.0, "seconds between SGLang-style 'Prefill batch.' / 'Decode batch.' "
                                              "log lines", gt=0)
 
@@ -92,6 +96,9 @@ class EngineConfig(SchedulerConfig):
                  "model = the model's generation_config.json values (where it has them), openai = temperature 1, "
                  "no top-p/top-k/min-p, no repetition penalty")
     disable_radix_cache: bool = setting(False, "do not keep finished requests' KV for prefix reuse")
+    grammar_backend: Literal[GRAMMAR_BACKENDS] = setting(
+        "llguidance", "constrained output (regex, json_schema, ebnf, response_format, forced tool calls): "
+                      "llguidance, or none to refuse such requests")
     attention_backend: Literal[("auto", *ATTENTION_BACKENDS)] = setting(
         "auto", "torch: the reference (SDPA); cpu: the reference plus a C++ decode kernel that reads the KV "
                 "pool in place, so requests sharing a prefix share its reads (compiled on first use; CPU devices "

@@ -5,6 +5,10 @@ lease of that worker's load (taken and released exactly once) → forward the or
 (keep-alive pool) → a JSON answer is read whole, then sent; an event stream is relayed as it arrives
 (SSE passthrough, backpressure through `write`). Retries go to another worker, and only before the
 first byte reaches the client. Worker health is `health.WorkerHealth`: the gateway reports events to it.
+
+SGLang's control endpoints (`/get_model_info`, `/get_server_info`, `/flush_cache`, `/abort_request`)
+are not proxied but answered for the fleet: asked of one worker, or fanned out to all of them and
+their answers combined (shapes in docs/sglang-api.md).
 """
 
 from __future__ import annotations
@@ -43,6 +47,9 @@ log = structlog.get_logger(__name__)
 PROXIED = ("/v1/chat/completions", "/v1/completions", "/generate")
 RETRY_STATUSES = {502, 503}
 UPSTREAM_ERRORS = (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, asyncio.TimeoutError)
+# SGLang's load figures that /get_server_info sums over the workers (the other keys are one worker's).
+SUMMED_LOAD = ("num_running_reqs", "num_queue_reqs", "num_used_tokens", "max_total_num_tokens",
+               "num_retracted_reqs", "inflight_requests")
 
 
 class GatewayWorker(Worker):
@@ -71,6 +78,32 @@ class Outcome:
     failure: str = ""  # why the attempt failed (with no response)
     answered_at: float = 0.0  # perf_counter() when the worker's answer began
     cached_tokens: int = 0  # prompt tokens the engine reported served from its cache (JSON answers)
+
+
+@dataclass(frozen=True)
+class Reply:
+    """A worker's answer to a control call: its status and body (JSON, or text where SGLang answers in
+    plain text); status None, and why in `body`, when it could not be reached."""
+
+    status: int | None
+    body: object
+
+    @property
+    def ok(self) -> bool:
+        return self.status == 200
+
+    def failure(self) -> str:
+        """Why it failed, in a few words: the worker's own error message where it sent one."""
+        if self.status is None:
+            return str(self.body)
+        error = self.body.get("error") if isinstance(self.body, dict) else None
+        if isinstance(error, dict):
+            return f"{self.status} {error.get('code')}: {error.get('message')}"
+        return f"status {self.status}: {self.body!s:.200}"
+
+    def detail(self) -> dict:
+        """The worker's answer as one entry of a fanned-out answer's "workers"."""
+        return {**(self.body if isinstance(self.body, dict) else {"message": self.body}), "status": self.status}
 
 
 class Gateway:
@@ -103,6 +136,13 @@ class Gateway:
         r.add_get("/health", self.health)
         r.add_get("/ready", self.ready)
         r.add_get("/workers", self.list_workers)
+        for path in ("/get_model_info", "/model_info"):  # SGLang serves both names
+            r.add_get(path, self.model_info)
+        for path in ("/get_server_info", "/server_info"):
+            r.add_get(path, self.server_info)
+        r.add_get("/flush_cache", self.flush_cache, allow_head=False)  # SGLang takes GET and POST
+        r.add_post("/flush_cache", self.flush_cache)
+        r.add_post("/abort_request", self.abort_request)
         r.add_get("/metrics", self.prometheus)
         r.add_get("/admin/workers", self.admin_list_workers)
         r.add_post("/admin/workers", self.admin_add_worker)
@@ -435,7 +475,7 @@ class Gateway:
                                param="model", code="model_not_found")
             ready = [w for w in ready if model in w.models]
         if not ready:
-            raise APIError(503, "no worker is ready", code="no_ready_worker", headers={"Retry-After": "2"})
+            raise no_ready_worker()
         return ready
 
     # ---- the gateway's own endpoints --------------------------------------------------------------
@@ -475,6 +515,76 @@ class Gateway:
              "breaker": w.health.breaker.value, "draining": w.health.draining, "inflight": w.inflight,
              "models": sorted(w.models), "prefix_bytes": self.policy.tracked_bytes(w)}
             for w in self.workers]})
+
+    # ---- SGLang's control endpoints, answered for the fleet ---------------------------------------
+
+    async def model_info(self, request: web.Request) -> web.Response:
+        """One routable worker's model facts (SGLang's frontend picks its chat template by `model_path`)."""
+        self.auth.identify(request)
+        for worker in [w for w in self.workers if w.routable]:
+            reply = await self._call(worker, "GET", "/get_model_info", timeout=self.config.health.timeout)
+            if reply.ok and isinstance(reply.body, dict):
+                return web.json_response(reply.body, headers={"x-sglang-gw-worker": worker.name})
+        raise no_ready_worker()
+
+    async def server_info(self, request: web.Request) -> web.Response:
+        """The first ready worker's server info with the load summed over all workers that answered,
+        and each worker's own info under "workers" (null when it is not ready or did not answer)."""
+        self.auth.identify(request)
+        ready = [w for w in self.workers if w.health.state is State.READY]  # draining ones still carry load
+        replies = await self._call_all(ready, "GET", "/get_server_info", timeout=self.config.health.timeout)
+        infos = {name: r.body for name, r in replies.items() if r.ok and isinstance(r.body, dict)}
+        if not infos:
+            raise no_ready_worker()
+        fleet = dict(next(iter(infos.values())))
+        for key in SUMMED_LOAD:
+            if key in fleet:
+                fleet[key] = sum(v for info in infos.values() if isinstance(v := info.get(key), (int, float)))
+        if "token_usage" in fleet and fleet.get("max_total_num_tokens"):
+            fleet["token_usage"] = fleet.get("num_used_tokens", 0) / fleet["max_total_num_tokens"]
+        fleet["workers"] = [{"name": w.name, "url": w.url, "state": w.health.state.value, "info": infos.get(w.name)}
+                            for w in self.workers]
+        return web.json_response(fleet)
+
+    async def flush_cache(self, request: web.Request) -> web.Response:
+        """Every routable worker's prefix cache emptied, or an error naming the workers that refused."""
+        self.auth.identify(request)
+        workers = [w for w in self.workers if w.routable]
+        return fanned_out("cache flush", await self._call_all(workers, "POST", "/flush_cache"))
+
+    async def abort_request(self, request: web.Request) -> web.Response:
+        """The request `rid` (or all requests) aborted on whichever worker runs it: sent to every ready
+        worker, draining ones included (they still run requests)."""
+        self.auth.identify(request)
+        body = await read_json(request)
+        # The engine's rule, checked once here rather than refused by every worker.
+        if not isinstance(body, dict) or not isinstance(body.get("rid", ""), str):
+            raise bad_request('expected {"rid": str, "abort_all": bool}', "rid")
+        if not body.get("rid") and not body.get("abort_all"):
+            raise bad_request("give rid or abort_all", "rid")
+        workers = [w for w in self.workers if w.health.state is State.READY]
+        return fanned_out("abort", await self._call_all(workers, "POST", "/abort_request", body))
+
+    async def _call_all(self, workers: list[GatewayWorker], method: str, path: str, body: object = None,
+                        timeout: float | None = None) -> dict[str, Reply]:
+        """The same control call to each worker at once; their replies by worker name."""
+        replies = await asyncio.gather(*(self._call(w, method, path, body, timeout) for w in workers))
+        return {w.name: r for w, r in zip(workers, replies)}
+
+    async def _call(self, worker: GatewayWorker, method: str, path: str, body: object = None,
+                    timeout: float | None = None) -> Reply:
+        """One control call. It takes no lease and reports nothing to the worker's health: it is no
+        request of a client, and the probes judge health."""
+        timeout = aiohttp.ClientTimeout(total=timeout or self.config.request_timeout)
+        try:
+            async with self.session.request(method, worker.url + path, json=body, timeout=timeout) as resp:
+                status, text = resp.status, await resp.text()
+        except (aiohttp.ClientError, asyncio.TimeoutError, UnicodeDecodeError) as exc:
+            return Reply(None, type(exc).__name__ + (f": {exc}" if str(exc) else ""))
+        try:
+            return Reply(status, json.loads(text))
+        except ValueError:
+            return Reply(status, text)  # SGLang's /flush_cache and /abort_request answer in plain text
 
     # ---- admin API (behind the admin key) -----------------------------------------------------------
 
@@ -526,6 +636,26 @@ def _answer_headers(upstream: aiohttp.ClientResponse, decision: Decision, route:
     if route == "retry":
         headers["x-should-retry"] = "false"  # we already failed over: the SDK must not multiply retries
     return headers
+
+
+def fanned_out(action: str, replies: dict[str, Reply]) -> web.Response:
+    """200 when every worker did it. Otherwise an error naming each worker that did not and why: 400 when
+    each of them refused (a 4xx, e.g. the engine's "busy" while requests run), else 502."""
+    log.info("gateway.fanned_out", action=action, statuses={name: r.status for name, r in replies.items()})
+    if not replies:
+        raise no_ready_worker()
+    failed = {name: r for name, r in replies.items() if not r.ok}
+    if failed:
+        refused = all(r.status is not None and 400 <= r.status < 500 for r in failed.values())
+        why = "; ".join(f"{name}: {r.failure()}" for name, r in failed.items())
+        raise APIError(400 if refused else 502, f"{action} failed on {len(failed)} of {len(replies)} workers ({why})",
+                       code="worker_refused" if refused else "upstream_unavailable")
+    return web.json_response({"success": True, "message": f"{action} done on {len(replies)} workers",
+                              "workers": {name: r.detail() for name, r in replies.items()}})
+
+
+def no_ready_worker() -> APIError:
+    return APIError(503, "no worker is ready", code="no_ready_worker", headers={"Retry-After": "2"})
 
 
 def reported_cached_tokens(body: bytes) -> int:

@@ -4,12 +4,18 @@ For chat, that is the messages rendered with the model's chat template. The gate
 each model's tokenizer lives from a worker's `/get_model_info` and reads its template when that path
 exists on this host (the usual single-machine setup); otherwise it falls back to role-tagged message
 contents, which still keep one conversation's turns sharing a prefix.
+
+A batch (`text` or `prompt` as a list of strings, `input_ids` as a list of id lists) is routed on
+what its items have in common: their longest common prefix. SGLang's frontend sends `select` as
+`[s.text_ + choice, ...]` right after caching `s.text_` alone, so that prefix is the one the program's
+other calls were routed on. Token ids are rendered as "id," per token, so that a prefix of ids renders
+as a prefix of the text.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
+import os
 from pathlib import Path
 
 import aiohttp
@@ -71,7 +77,22 @@ class RoutingText:
                     pass
             return "".join(f"<{m.get('role')}>{_content(m)}\n" for m in messages)
         if path == "/v1/completions":
-            prompt = body.get("prompt")
-            return prompt if isinstance(prompt, str) else json.dumps(prompt)
+            return prompt_text(body.get("prompt"))
         text = body.get("text")
-        return text if isinstance(text, str) else json.dumps(text if text is not None else body.get("input_ids"))
+        return prompt_text(text if text is not None else body.get("input_ids"))
+
+
+def prompt_text(prompt: object) -> str:
+    """A prompt in any of its shapes (text, ids, or a batch of either) as the text to match prefixes on."""
+    if isinstance(prompt, list) and prompt and all(isinstance(item, (str, list)) for item in prompt):
+        # A batch: what its items share (os.path.commonprefix compares any sequences, not only paths).
+        return os.path.commonprefix([_single_prompt_text(item) for item in prompt])
+    return _single_prompt_text(prompt)
+
+
+def _single_prompt_text(prompt: object) -> str:
+    if isinstance(prompt, str):
+        return prompt
+    if isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):
+        return "".join(f"{t}," for t in prompt)
+    return ""  # malformed: the engine will reject it; route it anywhere sane

@@ -1,5 +1,6 @@
-"""Shared fixtures: tiny random-weight Llama / Qwen2 / Qwen3 models built in-process, and the
-embedded SmolLM2 model (converted once into the repo-local cache)."""
+"""Shared fixtures: tiny random-weight Llama / Qwen2 / Qwen3 models built in-process, a tiny Qwen2 with the
+real 151k Qwen vocabulary (qwen_vocab_model), and the embedded SmolLM2 model (converted once into the
+repo-local cache)."""
 
 from __future__ import annotations
 
@@ -52,14 +53,20 @@ def _tiny_tokenizer():
     return fast
 
 
-def build_tiny_model(family: str, path: Path, **overrides) -> Path:
-    """A 2-layer random-weight model saved in HF format with a small BPE tokenizer."""
+def build_tiny_model(family: str, path: Path, tokenizer=None, **overrides) -> Path:
+    """A 2-layer random-weight model saved in HF format with `tokenizer` (default: the small BPE tokenizer,
+    whose 468 ids sit in a 512-row embedding); the eos/bos/pad ids, and vocab_size when a tokenizer is
+    given, come from the tokenizer."""
     import transformers
 
+    tok = tokenizer if tokenizer is not None else _tiny_tokenizer()
     common = dict(
-        vocab_size=TINY_VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
-        rms_norm_eps=1e-6, initializer_range=0.08, eos_token_id=2, bos_token_id=1, pad_token_id=0,
+        vocab_size=TINY_VOCAB if tokenizer is None else len(tok), hidden_size=64, intermediate_size=128,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+        rms_norm_eps=1e-6, initializer_range=0.08, eos_token_id=tok.eos_token_id,
+        # Qwen's tokenizer has no bos token; its config names <|endoftext|> (the pad token), as Qwen2's does.
+        bos_token_id=tok.bos_token_id if tok.bos_token_id is not None else tok.pad_token_id,
+        pad_token_id=tok.pad_token_id,
     )
     if family == "llama":
         cfg = transformers.LlamaConfig(
@@ -86,7 +93,7 @@ def build_tiny_model(family: str, path: Path, **overrides) -> Path:
                 for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
                     proj.bias.normal_(0, 0.1)
     model.save_pretrained(path)
-    _tiny_tokenizer().save_pretrained(path)
+    tok.save_pretrained(path)
     return path
 
 
@@ -94,6 +101,19 @@ def build_tiny_model(family: str, path: Path, **overrides) -> Path:
 def tiny_models(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("tiny-models")
     return {f: build_tiny_model(f, root / f) for f in ("llama", "qwen2", "qwen3")}
+
+
+@pytest.fixture(scope="session")
+def qwen_vocab_model(tmp_path_factory) -> Path:
+    """A tiny random-weight Qwen2 model (hidden 64, 2 layers) with the real 151,646-id Qwen tokenizer,
+    converted from the `dashscope` wheel's qwen.tiktoken (tests/qwen_tokenizer.py); skipped without it."""
+    from qwen_tokenizer import QwenTiktokenMissing, build_qwen_tokenizer
+
+    try:
+        tok = build_qwen_tokenizer(Path(os.environ["SGLANG_GW_CACHE"]))
+    except QwenTiktokenMissing as exc:
+        pytest.skip(str(exc))
+    return build_tiny_model("qwen2", tmp_path_factory.mktemp("qwen-vocab") / "qwen2-151k", tokenizer=tok)
 
 
 @pytest.fixture(scope="session")

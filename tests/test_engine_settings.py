@@ -28,7 +28,8 @@ EXAMPLES = {
     "max_running_requests": 7, "chunked_prefill_size": 256, "max_prefill_tokens": 4096, "schedule_policy": "lpm",
     "batch_log_interval": 2.5, "model": MODEL_DIR, "device": "cuda", "dtype": "bfloat16",
     "max_total_tokens": 5000, "kv_cache_gib": 0.25, "mem_fraction_static": 0.5, "context_length": 1000,
-    "sampling_defaults": "openai", "disable_radix_cache": True, "attention_backend": "torch", "num_threads": 1,
+    "sampling_defaults": "openai", "disable_radix_cache": True, "grammar_backend": "none",
+    "disable_jump_forward": True, "attention_backend": "torch", "num_threads": 1,
     "host": "0.0.0.0", "served_model_name": "renamed", "max_queued_requests": 17, "max_request_bytes": 123456,
     "graceful_shutdown_timeout": 3.0,
 }

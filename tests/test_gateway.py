@@ -11,12 +11,13 @@ import time
 import urllib.error
 import urllib.request
 
+import aiohttp
 import openai
 import pytest
 import yaml
 
 from conftest import EngineProcess
-from sglang_gw.testing import free_port, http_json
+from sglang_gw.testing import DONE, free_port, http_json, sse_event
 from sglang_gw.gateway.auth import new_key
 
 MODEL = "tiny"
@@ -265,3 +266,183 @@ def test_burst_on_one_prefix_spreads_once_the_holder_is_over_the_load_margin(gat
     assert "load_guard" in reasons  # locality yielded to load
     assert len(set(workers)) == 3, routes  # and the burst reached every engine
     assert max(workers.count(w) for w in set(workers)) <= 16 - 2  # not piled onto one
+
+
+# ---- SGLang's native API through the gateway -----------------------------------------------------
+
+LONG = {"temperature": 0, "max_new_tokens": 1500, "ignore_eos": True}
+
+
+def _generate(url: str, body: dict) -> tuple[dict, object]:
+    """(headers, JSON answer) of a POST /generate."""
+    request = urllib.request.Request(url + "/generate", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=60) as resp:
+        return dict(resp.headers), json.loads(resp.read())
+
+
+def _wait_idle(engines) -> None:
+    """Until no engine runs or queues a request (an aborted stream ends a moment after its client left)."""
+    deadline = time.monotonic() + 10
+    while any(info["num_running_reqs"] or info["num_queue_reqs"]
+              for info in (http_json(e.url + "/get_server_info")[1] for e in engines)):
+        assert time.monotonic() < deadline, "the engines did not go idle"
+        time.sleep(0.05)
+
+
+async def _stream_events(resp) -> list:
+    return [e async for line in resp.content if (e := sse_event(line)) is not None]
+
+
+def test_generate_in_all_its_forms_through_the_gateway(gateway):
+    greedy = {"temperature": 0, "max_new_tokens": 4}
+    _, one = _generate(gateway, {"text": "The quick brown fox", "sampling_params": greedy})
+    assert one["meta_info"]["completion_tokens"] == 4
+    _, batch = _generate(gateway, {"text": ["The quick brown fox", "Paris is the capital"], "sampling_params": greedy})
+    assert len(batch) == 2 and batch[0]["text"] == one["text"]
+    _, ids = _generate(gateway, {"input_ids": [5, 6, 7, 8], "sampling_params": greedy})
+    _, ids_batch = _generate(gateway, {"input_ids": [[5, 6, 7, 8], [9, 10]], "sampling_params": greedy})
+    assert ids_batch[0]["output_ids"] == ids["output_ids"] and len(ids_batch) == 2
+    _, prefill = _generate(gateway, {"text": "cache me " * 20, "sampling_params": {"max_new_tokens": 0}})
+    assert prefill["text"] == "" and prefill["meta_info"]["completion_tokens"] == 0
+    _, scored = _generate(gateway, {"text": ["cache me " * 20 + "yes", "cache me " * 20 + "no"],
+                                    "sampling_params": {"max_new_tokens": 0, "temperature": 0},
+                                    "return_logprob": True, "logprob_start_len": 5, "return_text_in_logprobs": True})
+    for out in scored:  # what SGLang's `select` reads
+        meta = out["meta_info"]
+        assert len(meta["input_token_logprobs"]) == meta["prompt_tokens"] - 5
+        assert all(isinstance(text, str) for _, _, text in meta["input_token_logprobs"])
+
+    async def stream():
+        async with aiohttp.ClientSession() as session, session.post(gateway + "/generate", json={
+                "text": "The quick brown fox", "sampling_params": greedy, "stream": True}) as resp:
+            assert resp.headers["Content-Type"].startswith("text/event-stream") and resp.headers["x-sglang-gw-worker"]
+            return await _stream_events(resp)
+
+    events = asyncio.run(stream())
+    assert events[-1] == DONE and events[-2]["text"] == one["text"]  # cumulative text, as SGLang streams it
+
+
+def test_batches_are_routed_on_their_common_prefix(gateway):
+    from sglang_gw.gateway.routing_text import prompt_text
+
+    assert prompt_text(["shared head, then a", "shared head, then b"]) == "shared head, then "
+    assert prompt_text([[1, 2, 3], [1, 2, 4]]) == prompt_text([1, 2]) == "1,2,"
+    assert prompt_text([1, 2, 3]).startswith(prompt_text([1, 2]))  # ids render prefix-preserving
+    assert prompt_text([]) == prompt_text(None) == prompt_text([{"a": 1}]) == ""
+
+    # SGLang's `select`: the program's text is cached alone, then its choices are scored as one batch.
+    text = "A program's running text, long enough to span several routing blocks of the index. " * 3
+    first, _ = _generate(gateway, {"text": text, "sampling_params": {"max_new_tokens": 0}})
+    choices, _ = _generate(gateway, {"text": [text + "yes", text + "no"], "sampling_params": {"max_new_tokens": 0},
+                                     "return_logprob": True})
+    assert (choices["x-sglang-gw-worker"], choices["x-sglang-gw-route"]) == (first["x-sglang-gw-worker"], "cache_hit")
+    ids = list(range(3, 90))
+    first, _ = _generate(gateway, {"input_ids": ids, "sampling_params": {"max_new_tokens": 0}})
+    batch, _ = _generate(gateway, {"input_ids": [ids + [100], ids + [101, 102]], "sampling_params": {"max_new_tokens": 0}})
+    assert (batch["x-sglang-gw-worker"], batch["x-sglang-gw-route"]) == (first["x-sglang-gw-worker"], "cache_hit")
+
+
+def test_server_info_is_one_workers_info_with_the_fleets_load(gateway, engines):
+    status, fleet = http_json(gateway + "/get_server_info")
+    assert status == 200 and http_json(gateway + "/server_info")[1].keys() == fleet.keys()
+    own = [http_json(e.url + "/get_server_info")[1] for e in engines]
+    assert fleet["model_path"] == own[0]["model_path"] and fleet["served_model_name"] == MODEL
+    assert fleet["max_total_num_tokens"] == sum(info["max_total_num_tokens"] for info in own)
+    workers = {w["name"]: w for w in fleet["workers"]}
+    assert set(workers) == {"e0", "e1", "e2", "dead"}
+    assert workers["dead"]["state"] == "unhealthy" and workers["dead"]["info"] is None
+    for i, engine in enumerate(engines):
+        info = workers[f"e{i}"]["info"]
+        assert workers[f"e{i}"]["url"] == engine.url and info["port"] == engine.port
+    _, model = http_json(gateway + "/get_model_info")
+    assert model == http_json(engines[0].url + "/get_model_info")[1] == http_json(gateway + "/model_info")[1]
+
+
+def test_flush_cache_empties_every_engines_cache(gateway, engines):
+    prompt = {"text": "flush me, flush me, flush me " * 4, "sampling_params": {"max_new_tokens": 0}}
+
+    def cached_on_each() -> list[int]:
+        return [_generate(e.url, prompt)[1]["meta_info"]["cached_tokens"] for e in engines]
+
+    _wait_idle(engines)
+    cached_on_each()
+    assert all(cached_on_each())  # each engine holds the prompt now
+    for method, body in (("POST", b""), ("GET", None)):
+        request = urllib.request.Request(gateway + "/flush_cache", data=body, method=method)
+        with urllib.request.urlopen(request, timeout=30) as resp:
+            out = json.loads(resp.read())
+        assert out["success"] is True and out["workers"] == {
+            f"e{i}": {"success": True, "message": "Cache flushed.", "status": 200} for i in range(3)}
+    assert cached_on_each() == [0, 0, 0]
+
+
+def test_flush_cache_is_refused_while_a_request_runs(gateway, engines):
+    async def run():
+        async with aiohttp.ClientSession() as session:
+            async with session.post(engines[1].url + "/generate", json={
+                    "text": "busy", "sampling_params": LONG, "stream": True}) as resp:
+                await resp.content.readline()
+                async with session.post(gateway + "/flush_cache") as flush:
+                    return flush.status, await flush.json()
+
+    _wait_idle(engines)
+    status, out = asyncio.run(run())
+    assert status == 400 and out["error"]["code"] == "worker_refused"
+    message = out["error"]["message"]
+    assert "e1: 400 busy" in message and "e0" not in message and "e2" not in message, message
+    _wait_idle(engines)
+    assert http_json(gateway + "/flush_cache", b"")[0] == 200
+
+
+def test_abort_request_reaches_the_engine_running_it(gateway, engines):
+    async def run():
+        async with aiohttp.ClientSession() as session:
+            async with session.post(engines[2].url + "/generate", json={
+                    "text": "abort me", "rid": "gw-abort-me", "sampling_params": LONG, "stream": True}) as resp:
+                await resp.content.readline()
+                async with session.post(gateway + "/abort_request", json={"rid": "gw-abort-me"}) as abort:
+                    answer = abort.status, await abort.json()
+                return answer, await _stream_events(resp)
+
+    (status, out), events = asyncio.run(run())
+    assert status == 200 and out["success"] is True and set(out["workers"]) == {"e0", "e1", "e2"}
+    assert events[-1] == DONE and events[-2]["meta_info"]["finish_reason"]["type"] == "abort"
+    assert http_json(gateway + "/abort_request", json.dumps({"abort_all": True}).encode())[0] == 200
+    for body in ({}, {"rid": 5}, [1], {"rid": ""}):
+        status, out = http_json(gateway + "/abort_request", json.dumps(body).encode())
+        assert (status, out["error"]["param"]) == (400, "rid"), body
+
+
+@pytest.mark.parametrize("method, path", [
+    ("GET", "/get_model_info"), ("GET", "/model_info"), ("GET", "/get_server_info"), ("GET", "/server_info"),
+    ("POST", "/flush_cache"), ("GET", "/flush_cache"), ("POST", "/abort_request"),
+])
+def test_sglang_control_endpoints_need_a_key(keyed_gateway, engines, method, path):
+    body = json.dumps({"abort_all": True}).encode() if path == "/abort_request" else b""
+    status, out = http_json(keyed_gateway + path, body if method == "POST" else None)
+    assert status == 401 and out["error"]["code"] == "invalid_api_key"
+    _wait_idle(engines)
+    status, out = http_json(keyed_gateway + path, body if method == "POST" else None,
+                            headers={"Authorization": f"Bearer {KEYS['bob'][0]}"})
+    assert status == 200, out
+
+
+
+def test_fanned_out_answer_names_each_failing_worker():
+    from sglang_gw.errors import APIError
+    from sglang_gw.gateway.app import Reply, fanned_out
+
+    done = fanned_out("cache flush", {"a": Reply(200, {"success": True}), "b": Reply(200, "Cache flushed.")})
+    assert json.loads(done.body)["workers"] == {"a": {"success": True, "status": 200},
+                                                "b": {"message": "Cache flushed.", "status": 200}}  # SGLang: text
+    busy = Reply(400, {"error": {"message": "requests are running", "code": "busy"}})
+    for replies, status, message in [
+        ({"a": Reply(200, {}), "b": busy}, 400, "failed on 1 of 2 workers (b: 400 busy: requests are running)"),
+        ({"a": Reply(None, "ClientConnectorError"), "b": busy, "c": Reply(400, "Not flushed.")}, 502,
+         "(a: ClientConnectorError; b: 400 busy: requests are running; c: status 400: Not flushed.)"),
+        ({}, 503, "no worker is ready"),
+    ]:
+        with pytest.raises(APIError) as err:
+            fanned_out("cache flush", replies)
+        assert err.value.status == status and message in err.value.message, err.value.message

@@ -165,13 +165,15 @@ def test_logprobs_match_hf(engine, tiny_models):
     ({"temperature": -1}, "temperature"), ({"top_p": 0}, "top_p"), ({"top_k": 0}, "top_k"),
     ({"min_p": 2}, "min_p"), ({"max_new_tokens": -1}, "max_new_tokens"), ({"n": 0}, "n"),
     ({"stop": 3}, "stop"), ({"max_new_tokens": "x"}, "max_new_tokens"), ({"bogus": 1}, "bogus"),
-    ({"min_new_tokens": 5, "max_new_tokens": 2}, "min_new_tokens"), ({"regex": "a+"}, "regex"),
+    ({"min_new_tokens": 5, "max_new_tokens": 2}, "min_new_tokens"), ({"regex": 5}, "regex"),
+    ({"regex": "a+", "ebnf": "root ::= \"a\""}, "ebnf"), ({"stop_regex": "a("}, "stop_regex"),
+    ({"json_schema": 3}, "json_schema"),
 ])
 def test_invalid_sampling_params_name_the_field(bad, param):
     with pytest.raises(InvalidParamError) as err:
         SamplingParams.from_dict(bad)
     assert err.value.param == param
-    assert err.value.code == ("unsupported" if param == "regex" else "invalid_value")
+    assert err.value.code == "invalid_value"
 
 
 @pytest.mark.parametrize("prompt, params, param, code", [

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import re
 import time
 
 import pytest
@@ -16,6 +17,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 
 from sglang_gw.engine import Engine, SamplingParams
 from sglang_gw.engine.request import Req
+from sglang_gw.engine.sampling_params import GrammarSpec
 
 
 def _random_prompts(n: int, seed: int, lo: int = 8, hi: int = 48) -> list[list[int]]:
@@ -289,12 +291,19 @@ def test_a_request_admitted_while_another_decodes_reuses_its_prompt(tiny_models)
     sched.check_integrity()
 
 
+# Constrained requests in the state machine: forced runs (jump-forward requeues mid-sequence) between
+# sampled parts, so grammar state meets retraction, abort and re-admission.
+MACHINE_GRAMMAR = r'\{"answer": "(yes|no)", "count": [0-9]{1,3}, "note": "[a-z ]{0,8}"\}'
+
+
 class SchedulerMachine(RuleBasedStateMachine):
     """Random interleavings of admission, prefill chunks, decode steps, finishing, aborts and retraction
-    on a real engine with a small pool, short chunks and prompts built from a few shared prefixes; the
-    scheduler's integrity check (memory invariant, locks, rows vs cache) must hold after every rule."""
+    on a real engine with a small pool, short chunks and prompts built from a few shared prefixes, some
+    constrained by a grammar; the scheduler's integrity check (memory invariant, locks, rows vs cache)
+    must hold after every rule, and every constrained output that completes must match its grammar."""
 
     engine: Engine  # one per test run, set below: loading a model per example would dominate
+    grammar_completed = 0  # over all examples: constrained outputs checked against their grammar
 
     def __init__(self):
         super().__init__()
@@ -304,20 +313,29 @@ class SchedulerMachine(RuleBasedStateMachine):
         self.prefixes = _random_prompts(3, seed=44, lo=20, hi=60)
         self.count = 0
         self.finished: set[str] = set()
+        self.constrained: set[str] = set()
 
     def _track(self, out):
         if out.finished:
             assert out.rid not in self.finished, "a request finished twice"
             self.finished.add(out.rid)
+            if out.rid in self.constrained and out.finish_reason.type == "stop":
+                assert re.fullmatch(MACHINE_GRAMMAR, out.text), out.text
+                SchedulerMachine.grammar_completed += 1
 
     @rule(prefix=st.integers(0, 3), tail=st.lists(st.integers(3, 500), min_size=1, max_size=30),
-          max_new=st.integers(0, 12))
-    def add(self, prefix, tail, max_new):
+          max_new=st.integers(0, 12), constrained=st.booleans())
+    def add(self, prefix, tail, max_new, constrained):
         self.count += 1
         prompt = (self.prefixes[prefix] if prefix < 3 else []) + tail
-        params = SamplingParams(max_new_tokens=max_new, temperature=0, ignore_eos=True)
+        grammar = None
+        if constrained:
+            max_new *= 4  # room for the grammar to complete
+            grammar = self.engine.grammar.matcher(self.engine.grammar.compile(GrammarSpec("regex", MACHINE_GRAMMAR)))
+            self.constrained.add(str(self.count))
+        params = SamplingParams(max_new_tokens=max_new, temperature=1.0, sampling_seed=self.count, ignore_eos=True)
         self.sched.add(Req(str(self.count), prompt, params, tokenizer=self.engine.tokenizer, eos_token_ids=(),
-                           on_output=self._track))
+                           on_output=self._track, grammar=grammar))
 
     @precondition(lambda self: self.sched.has_work())
     @rule(steps=st.integers(1, 4))
@@ -355,6 +373,7 @@ def test_scheduler_integrity_under_random_interleavings(tiny_models):
     SchedulerMachine.engine = engine
     SchedulerMachine.TestCase.settings = settings(max_examples=40, stateful_step_count=30, deadline=None)
     SchedulerMachine.TestCase().runTest()
+    assert SchedulerMachine.grammar_completed > 0 and engine.scheduler.stats.forced_tokens > 0
 
 
 def test_auto_falls_back_to_the_reference_when_the_kernel_cannot_be_built(tiny_models, monkeypatch):

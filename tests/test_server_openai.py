@@ -254,10 +254,11 @@ def test_prompt_longer_than_context(client, tiny_server):
     assert info.value.body["code"] == "context_length_exceeded"
 
 
-def test_response_format_json_is_unsupported(client):
+def test_tool_choice_auto_is_refused_naming_the_field(client):
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
     with pytest.raises(openai.BadRequestError) as info:
-        chat(client, "Give me JSON.", response_format={"type": "json_object"})
-    assert "not supported" in info.value.body["message"]
+        chat(client, "Call f.", tools=tools)
+    assert info.value.body["param"] == "tool_choice" and "not supported" in info.value.body["message"]
 
 
 # ---- API key --------------------------------------------------------------------------------------
