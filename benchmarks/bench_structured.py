@@ -7,6 +7,8 @@
   first token request → first output token (streamed) for a never-seen schema (each request brings a
               new one), for a schema seen before (compiled-grammar cache hit), and unconstrained.
   cache       grammars compiled and compiled-grammar cache hits over the whole run.
+  mask        the cost of one step's masks at batch 32: filling them (llguidance's batch API) and
+              applying them to the logits, with 32 matchers walking random allowed tokens.
 
 Rounds interleave the variants (constrained with jump-forward, without, unconstrained) so that drift in
 the machine's load hits all of them alike; figures are medians over --rounds.
@@ -23,9 +25,12 @@ import random
 import statistics
 import time
 
+import torch
 from tqdm import tqdm
 
 from sglang_gw.engine import Engine, SamplingParams
+from sglang_gw.engine.grammar import apply_bitmask
+from sglang_gw.engine.sampling_params import GrammarSpec
 
 SCHEMA = {
     "type": "object",
@@ -122,6 +127,34 @@ def first_token(engine: Engine, texts: list[str], count: int) -> dict:
     return {name: statistics.median(values) for name, values in times.items()}
 
 
+def mask_cost(engine: Engine, batch: int = 32, steps: int = 60) -> dict:
+    """Median and p90 milliseconds to fill and to apply one step's masks for `batch` constrained rows."""
+    grammar = engine.grammar
+    compiled = grammar.compile(GrammarSpec("json_schema", json.dumps(SCHEMA)))
+    matchers = [grammar.matcher(compiled) for _ in range(batch)]
+    bitmask = torch.empty(batch, grammar.words_per_mask, dtype=torch.int32)
+    logits = torch.randn(batch, grammar.vocab_size)
+    rng = random.Random(0)
+    fill, apply = [], []
+    for _ in range(steps):
+        started = time.perf_counter()
+        grammar.fill_bitmask(matchers, bitmask)
+        filled = time.perf_counter()
+        apply_bitmask(logits.clone(), bitmask)
+        apply.append(time.perf_counter() - filled)
+        fill.append(filled - started)
+        allowed_rows = ((bitmask.unsqueeze(-1) >> torch.arange(32, dtype=torch.int32)) & 1).flatten(1)
+        for matcher, allowed in zip(matchers, allowed_rows):
+            if not matcher.is_stopped():
+                matcher.accept(rng.choice(allowed.nonzero().flatten().tolist()))
+
+    def ms(values):
+        values = sorted(values)
+        return {"p50_ms": 1e3 * values[len(values) // 2], "p90_ms": 1e3 * values[int(len(values) * 0.9)]}
+
+    return {"batch": batch, "fill": ms(fill), "apply": ms(apply)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="builtin:smollm2-135m-instruct")
@@ -142,6 +175,7 @@ def main() -> None:
         results["throughput"][batch] = throughput(engines, texts[:count], batch, args.rounds, args.max_tokens)
     results["first_token_seconds"] = first_token(engines["jump_forward"], texts, args.first_token_requests)
     results["grammar"] = {name: engine.grammar_counts() for name, engine in engines.items()}
+    results["mask"] = mask_cost(engines["jump_forward"])
     for engine in engines.values():
         engine.shutdown()
 
@@ -160,6 +194,9 @@ def main() -> None:
     lookups = g["grammar_compiled"] + g["grammar_cache_hits"]
     print(f"compiled grammars: {g['grammar_compiled']} compiled, {g['grammar_cache_hits']} cache hits "
           f"({g['grammar_cache_hits'] / lookups:.0%}); {g['grammar_forced_tokens']} tokens jumped forward")
+    m = results["mask"]
+    print(f"one step's masks at batch {m['batch']}: fill {m['fill']['p50_ms']:.1f} ms (p90 {m['fill']['p90_ms']:.1f}), "
+          f"apply {m['apply']['p50_ms']:.1f} ms (p90 {m['apply']['p90_ms']:.1f})")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)

@@ -55,7 +55,7 @@ def test_explicit_fields_win_and_unset_ones_take_the_models_defaults():
 def test_openai_fields_left_out_or_null_are_unset():
     def resolved(body: dict) -> SamplingParams:
         request = parse(ChatCompletionRequest, {"messages": README_QUESTION, **body})
-        return sampling_params(request.sampling_dict(16)).with_defaults(MODEL_DEFAULTS)
+        return sampling_params(request.sampling_dict(16, {})).with_defaults(MODEL_DEFAULTS)
 
     assert resolved({}).temperature == 0.7 and resolved({}).top_k == 20
     assert resolved({"temperature": None, "top_p": None}).top_p == 0.8
