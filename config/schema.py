@@ -95,7 +95,7 @@ class SupervisorConfig(Strict):
     restart_backoff_max: float = Field(60.0, ge=0)
     max_restarts: int = Field(5, ge=1)  # this many restarts within restart_window ⇒ held out (flapping)
     restart_window: float = Field(300.0, gt=0)
-    kill_hung: bool = True  # kill and restart an engine that fails its probes or stalls a stream
+    kill_hung: bool = True  # kill and restart an engine the gateway finds hung (gateway/health.py)
     drain_timeout: float = Field(120.0, gt=0)  # rolling restart: wait this long for in-flight requests
     shutdown_grace: float = Field(30.0, ge=0)  # SIGTERM: in-flight requests get this long to finish
     engine_stop_timeout: float = Field(30.0, gt=0)  # SIGTERM to an engine, then SIGKILL after this long

@@ -82,6 +82,20 @@ class Call:
 Message = AddRequest | Abort | AbortAll | Call
 
 
+@dataclass(frozen=True)
+class Heartbeat:
+    """The scheduler thread's last word on its progress, replaced whole (one atomic assignment) so that
+    any thread reads a consistent one without a lock: /health answers from it at any load."""
+
+    steps: int  # steps completed since the engine started
+    busy: bool  # it had requests to run when it last looked
+    at: float  # time.monotonic() of its last progress: work taken up, or a step finished
+
+    def since_progress(self, now: float) -> float:
+        """Seconds the scheduler has had work without finishing a step (0 while idle)."""
+        return now - self.at if self.busy else 0.0
+
+
 class Engine:
     def __init__(self, config: EngineConfig | None = None, **overrides):
         config = (config or EngineConfig()).replace(**overrides)
@@ -144,6 +158,7 @@ class Engine:
         self.error: BaseException | None = None
         self._groups: dict[str, list[str]] = {}  # rid given for n > 1 → its sequences' rids
         self._live: dict[str, Req] = {}  # submitted and not finished, by rid
+        self.heartbeat = Heartbeat(steps=0, busy=False, at=time.monotonic())  # written by the scheduler thread only
         self._thread = threading.Thread(target=self._loop, name="sglang-gw-scheduler", daemon=True)
         self._thread.start()
         log.info("engine.ready", seconds=round(time.perf_counter() - started, 2), kv_tokens=self.pool.size,
@@ -189,10 +204,16 @@ class Engine:
                             message.run()
                         case _:
                             raise TypeError(f"not an engine message: {message!r}")
+                steps = self.heartbeat.steps
                 if self.scheduler.has_work():
+                    if not self.heartbeat.busy:  # work taken up: progress is measured from now
+                        self.heartbeat = Heartbeat(steps, busy=True, at=time.monotonic())
                     self.scheduler.step()
+                    # Busy as the step leaves it: the loop waits next without another look if it is idle.
+                    self.heartbeat = Heartbeat(steps + 1, self.scheduler.has_work(), at=time.monotonic())
                     self._flush_outbox()
                 else:
+                    self.heartbeat = Heartbeat(steps, busy=False, at=time.monotonic())
                     self._flush_outbox()  # a request may finish on admission (its grammar forced all of it)
                     calls, self._idle_calls = self._idle_calls, []
                     for call in calls:

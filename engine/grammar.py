@@ -6,14 +6,16 @@ llguidance, xgrammar and outlines-core share). Backends sit behind `GrammarBacke
 (the `grammar_backend` setting): llguidance, which docs/structured-output.md measured valid on every
 output (1,104 of 1,104) and ~1 ms from a never-seen schema to its first mask.
 
-Threads: compiling and creating matchers happen where requests are prepared (the server's event loop);
-filling masks and consuming tokens happen on the scheduler thread, which owns a matcher from then on.
+Threads: compiling happens where requests are prepared (the server's worker threads, hence the
+cache's lock), creating matchers where they are submitted (the server's event loop); filling masks and
+consuming tokens happen on the scheduler thread, which owns a matcher from then on.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -76,6 +78,7 @@ class GrammarBackend:
                                                        eos_token=list(eos_token_ids) or None)
         self._executor = llguidance.LLExecutor(max(1, min(8, (os.cpu_count() or 2) // 2)))
         self._compiled: OrderedDict[GrammarSpec, str] = OrderedDict()
+        self._compiled_lock = threading.Lock()  # requests are prepared in several threads at once
         self.stats = GrammarStats()
 
     @property
@@ -84,6 +87,10 @@ class GrammarBackend:
 
     def compile(self, spec: GrammarSpec) -> str:
         """The grammar, compiled and checked against the tokenizer (cached); InvalidGrammar if it cannot run."""
+        with self._compiled_lock:  # held while compiling too: one compile of a grammar asked for twice at once
+            return self._compile(spec)
+
+    def _compile(self, spec: GrammarSpec) -> str:
         grammar = self._compiled.get(spec)
         if grammar is not None:
             self._compiled.move_to_end(spec)

@@ -7,18 +7,36 @@ SGLang's `sampling_params` are errors, as in SGLang.
 from __future__ import annotations
 
 import json
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from ..errors import bad_request
+from ..limits import MAX_BATCH, MAX_COUNT, MAX_TOP_LOGPROBS, SEED_MAX, SEED_MIN
 from ..validation import describe
 from .sampling_params import GRAMMAR_KINDS, InvalidParamError, SamplingParams
 from .tool_calls import ANY_OBJECT, ForcedToolCalls
 
 
 class _Schema(BaseModel):
-    model_config = ConfigDict(extra="ignore", strict=True)
+    model_config = ConfigDict(extra="ignore", strict=True, allow_inf_nan=False)
+
+
+# Bounded integers (sglang_gw/limits.py), for the fields that SamplingParams does not check under the
+# name the client sent (max_tokens becomes max_new_tokens, seed sampling_seed, ...).
+Count = Annotated[int, Field(ge=0, le=MAX_COUNT)]
+Position = Annotated[int, Field(ge=-1, le=MAX_COUNT)]  # -1: none
+Seed = Annotated[int, Field(ge=SEED_MIN, le=SEED_MAX)]
+TopLogprobs = Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS)]
+
+
+def _batch(prompts: list, field: str) -> list:
+    """A request's prompts, at most MAX_BATCH of them."""
+    if not prompts:
+        raise bad_request("the batch is empty", field)
+    if len(prompts) > MAX_BATCH:
+        raise bad_request(f"a batch has at most {MAX_BATCH} prompts (got {len(prompts)})", field, "too_many_prompts")
+    return prompts
 
 
 class StreamOptions(_Schema):
@@ -52,7 +70,7 @@ class _SamplingFields(_Schema):
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: Seed | None = None
     temperature: float | None = None
     top_p: float | None = None
     presence_penalty: float = 0.0
@@ -61,7 +79,7 @@ class _SamplingFields(_Schema):
     user: str | None = None
     top_k: int | None = None
     min_p: float | None = None
-    min_tokens: int = 0
+    min_tokens: Count = 0
     repetition_penalty: float | None = None
     stop_token_ids: list[int] | None = None
     no_stop_trim: bool = False
@@ -105,9 +123,14 @@ class _SamplingFields(_Schema):
 
 class CompletionRequest(_SamplingFields):
     prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = 16
-    logprobs: int | None = Field(None, ge=0, le=20)
+    max_tokens: Count | None = 16
+    logprobs: TopLogprobs | None = None
     echo: bool = False
+
+    def prompts(self) -> list[str | list[int]]:
+        """A list of strings or of id lists is a batch; a string or an id list is one prompt."""
+        batch = isinstance(self.prompt, list) and self.prompt and not isinstance(self.prompt[0], int)
+        return _batch(list(self.prompt) if batch else [self.prompt], "prompt")
 
 
 class TextPart(_Schema):
@@ -159,10 +182,10 @@ class NamedToolChoice(_Schema):
 
 class ChatCompletionRequest(_SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = None
-    max_completion_tokens: int | None = None
+    max_tokens: Count | None = None
+    max_completion_tokens: Count | None = None
     logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0, le=20)
+    top_logprobs: TopLogprobs | None = None
     tools: list[Tool] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool = True
@@ -199,8 +222,8 @@ class GenerateRequest(_Schema):
     rid: str | list[str] | None = None
     stream: bool = False
     return_logprob: bool | list[bool] = False
-    logprob_start_len: int | list[int] = -1
-    top_logprobs_num: int | list[int] = 0
+    logprob_start_len: Position | list[Position] = -1
+    top_logprobs_num: TopLogprobs | list[TopLogprobs] = 0
     return_text_in_logprobs: bool = False
 
     @model_validator(mode="after")
@@ -213,10 +236,14 @@ class GenerateRequest(_Schema):
     def is_batch(self) -> bool:
         return isinstance(self.text, list) or (bool(self.input_ids) and isinstance(self.input_ids[0], list))
 
+    @property
+    def prompt_field(self) -> str:
+        return "text" if self.text is not None else "input_ids"
+
     def prompts(self) -> list[str | list[int]]:
         if self.text is not None:
-            return list(self.text) if isinstance(self.text, list) else [self.text]
-        return list(self.input_ids) if self.is_batch else [self.input_ids]
+            return _batch(list(self.text) if isinstance(self.text, list) else [self.text], "text")
+        return _batch(list(self.input_ids) if self.is_batch else [self.input_ids], "input_ids")
 
     def per_item(self, name: str, count: int) -> list:
         """A per-request field broadcast over the batch (a list must have one entry per prompt)."""

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 
-
+from ..limits import (MAX_ABS_LOGIT_BIAS, MAX_COUNT, MAX_LOGIT_BIAS, MAX_N, MAX_STOP, MAX_STOP_TOKEN_IDS,
+                      SEED_MAX, SEED_MIN)
 
 class InvalidParamError(ValueError):
     """A request parameter is out of range; `param` names the field and `code` is the OpenAI-style
@@ -117,18 +119,26 @@ class SamplingParams:
 
     def validate(self) -> None:
         checks = [
-            ("max_new_tokens", self.max_new_tokens >= 0, "must be >= 0"),
-            ("temperature", self.temperature >= 0, "must be >= 0"),
+            ("max_new_tokens", 0 <= self.max_new_tokens <= MAX_COUNT, f"must be in [0, {MAX_COUNT}]"),
+            ("temperature", 0 <= self.temperature < math.inf, "must be >= 0 and finite"),
             ("top_p", 0 < self.top_p <= 1, "must be in (0, 1]"),
-            ("top_k", self.top_k == -1 or self.top_k >= 1, "must be -1 (all) or >= 1"),
+            ("top_k", self.top_k == -1 or 1 <= self.top_k <= MAX_COUNT, f"must be -1 (all) or in [1, {MAX_COUNT}]"),
             ("min_p", 0 <= self.min_p <= 1, "must be in [0, 1]"),
             ("frequency_penalty", -2 <= self.frequency_penalty <= 2, "must be in [-2, 2]"),
             ("presence_penalty", -2 <= self.presence_penalty <= 2, "must be in [-2, 2]"),
             ("repetition_penalty", 0 < self.repetition_penalty <= 2, "must be in (0, 2]"),
             ("min_new_tokens", 0 <= self.min_new_tokens <= self.max_new_tokens, "must be in [0, max_new_tokens]"),
-            ("n", self.n >= 1, "must be >= 1"),
+            ("n", 1 <= self.n <= MAX_N, f"must be in [1, {MAX_N}]"),
+            ("sampling_seed", self.sampling_seed is None or SEED_MIN <= self.sampling_seed <= SEED_MAX,
+             "must be a 64-bit integer"),
+            ("stop", len(self.stop) <= MAX_STOP, f"at most {MAX_STOP} strings"),
             ("stop", all(isinstance(s, str) and s for s in self.stop), "must be non-empty strings"),
+            ("stop_regex", len(self.stop_regex) <= MAX_STOP, f"at most {MAX_STOP} patterns"),
             ("stop_regex", all(isinstance(s, str) and s for s in self.stop_regex), "must be non-empty strings"),
+            ("stop_token_ids", len(self.stop_token_ids) <= MAX_STOP_TOKEN_IDS, f"at most {MAX_STOP_TOKEN_IDS} ids"),
+            ("logit_bias", len(self.logit_bias) <= MAX_LOGIT_BIAS, f"at most {MAX_LOGIT_BIAS} entries"),
+            ("logit_bias", all(abs(b) <= MAX_ABS_LOGIT_BIAS for b in self.logit_bias.values()),
+             f"each bias must be in [-{MAX_ABS_LOGIT_BIAS:g}, {MAX_ABS_LOGIT_BIAS:g}]"),
         ]
         for name, ok, why in checks:
             if not ok:
@@ -173,9 +183,9 @@ def _coerce(key: str, value):
         if not isinstance(value, dict):
             raise InvalidParamError(key, "must be an object of token id → bias")
         try:
-            return {int(k): float(v) for k, v in value.items()}
-        except (TypeError, ValueError):
-            raise InvalidParamError(key, "must map integer token ids to numbers") from None
+            return {int(k): _finite(key, v) for k, v in value.items()}
+        except (TypeError, ValueError):  # a key that is no integer, a value that is no number
+            raise InvalidParamError(key, "must map integer token ids to finite numbers") from None
     if key in ("ignore_eos", "skip_special_tokens", "spaces_between_special_tokens", "no_stop_trim"):
         if isinstance(value, bool):
             return value
@@ -186,6 +196,16 @@ def _coerce(key: str, value):
         if isinstance(value, float) and value.is_integer():
             return int(value)
         raise InvalidParamError(key, "must be an integer")
+    return _finite(key, value)
+
+
+def _finite(key: str, value) -> float:
+    """A JSON number as a finite float (NaN, infinities and integers beyond float range are refused)."""
     if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    raise InvalidParamError(key, "must be a number")
+        try:
+            number = float(value)
+        except OverflowError:
+            number = math.inf
+        if math.isfinite(number):
+            return number
+    raise InvalidParamError(key, "must be a finite number")

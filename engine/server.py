@@ -5,8 +5,9 @@ never blocks on the model. Lifecycle: listen at once (health answers 503) → lo
 thread → warm up with a 1-token generation → ready. SIGTERM: stop admitting (503), let in-flight
 requests finish within the grace period, exit 0.
 
-Every generation request goes the same way: admit (ready? queue full?) → parse, tokenize and validate
-with engine.prepare (400s before any byte is sent) → engine.stream → shape the outputs (JSON or SSE).
+Every generation request goes the same way: parse (bounded by sglang_gw/limits.py) → admit its sequences
+(ready? room for prompts × n?) → tokenize and validate with engine.prepare in a worker thread (400s
+before any byte is sent) → engine.stream → shape the outputs (JSON or SSE).
 A client that goes away cancels the handler, which aborts its requests in the engine.
 """
 
@@ -25,7 +26,8 @@ from aiohttp import web
 
 from ..serving import listening, presented_key
 from ..errors import APIError, bad_request, error_middleware, read_json
-from .engine import Engine, ValidatedRequest
+from ..limits import MAX_COUNT, MAX_SEQUENCES
+from .engine import Engine, Prompt, ValidatedRequest
 from .metrics import EngineMetrics
 from .protocol import ChatCompletionRequest, CompletionRequest, GenerateRequest, parse, sampling_params
 from .detokenizer import token_bytes, token_label
@@ -47,7 +49,8 @@ class EngineServer:
         self.served_model_name = args.served_model_name or args.model
         self.engine: Engine | None = None
         self.state = "loading"  # loading → ready → draining
-        self.inflight = 0
+        self.inflight = 0  # generation requests admitted and not answered yet
+        self.sequences = 0  # the sequences they expand to (prompts × n): what admission counts
         self.idle = asyncio.Event()
         self.idle.set()
         self.metrics = EngineMetrics(self)
@@ -91,20 +94,30 @@ class EngineServer:
             await asyncio.sleep(0.5)  # let the handlers write their aborted responses
 
     @contextlib.contextmanager
-    def _admitted(self):
-        """A generation request's slot: refuses while not ready or when the queue is full."""
+    def _admitted(self, params: list[SamplingParams], batch_field: str):
+        """A generation request's share of the engine: its sequences (one per prompt and sample; `params`
+        holds each prompt's), counted against the running + queued capacity, which one request may not
+        exceed (400, naming n or the batch field). Refuses while not ready or when the queue is too full."""
         if self.state != "ready":
             raise APIError(503, f"the server is {self.state}", code="unavailable", headers={"Retry-After": "5"})
-        limit = self.args.max_running_requests + self.args.max_queued_requests
-        if self.inflight >= limit:
-            raise APIError(503, f"too many requests in flight (limit {limit}); retry later", code="queue_full",
+        sequences = sum(p.n for p in params)
+        capacity = self.args.max_running_requests + self.args.max_queued_requests
+        most = min(MAX_SEQUENCES, capacity)
+        if sequences > most:
+            raise bad_request(f"the request expands to {sequences} sequences (prompts × n); this engine takes at "
+                              f"most {most} in one request", "n" if any(p.n > 1 for p in params) else batch_field,
+                              "too_many_sequences")
+        if self.sequences + sequences > capacity:
+            raise APIError(503, f"too many sequences in flight (limit {capacity}); retry later", code="queue_full",
                            headers={"Retry-After": "1"})
         self.inflight += 1
+        self.sequences += sequences
         self.idle.clear()
         try:
             yield
         finally:
             self.inflight -= 1
+            self.sequences -= sequences
             if self.inflight == 0:
                 self.idle.set()
 
@@ -126,11 +139,17 @@ class EngineServer:
             raise APIError(404, f"model {model!r} is not served here; available: {self.served_model_name!r}",
                            param="model", code="model_not_found")
 
-    def _prepare(self, prompt: str | list[int], params: SamplingParams, logprobs: LogprobRequest,
-                 field: str, grammar_field: str | None = None) -> ValidatedRequest:
-        """Tokenize, validate and compile the grammar before any response byte is sent, so errors are 400s."""
+    async def _prepare(self, items: list[tuple[Prompt, SamplingParams, LogprobRequest]], field: str,
+                       grammar_field: str | None = None) -> list[ValidatedRequest]:
+        """Tokenize, validate and compile the grammars before any response byte is sent, so errors are 400s.
+        In a thread: tokenizing a batch of long prompts or compiling a grammar must not stall the event
+        loop (health probes, other requests' streams)."""
+        def prepare_all() -> list[ValidatedRequest]:
+            return [self.engine.prepare(prompt, params, logprobs, prompt_field=field, grammar_field=grammar_field)
+                    for prompt, params, logprobs in items]
+
         try:
-            return self.engine.prepare(prompt, params, logprobs, prompt_field=field, grammar_field=grammar_field)
+            return await asyncio.to_thread(prepare_all)
         except InvalidParamError as exc:
             raise bad_request(str(exc), exc.param, exc.code) from None
 
@@ -175,11 +194,15 @@ class EngineServer:
     # ---- native endpoints -------------------------------------------------------------------------
 
     async def health(self, request: web.Request) -> web.Response:
+        """200 while serving, with the scheduler's heartbeat so that a prober can tell busy from hung (it
+        is read, not computed: as cheap under load as idle); 503 while loading, draining or broken."""
         if self.engine is not None and self.engine.error is not None:
             return web.json_response({"status": "unhealthy", "reason": str(self.engine.error)}, status=503)
         if self.state != "ready":
             return web.json_response({"status": self.state}, status=503)
-        return web.json_response({"status": "ok"})
+        beat = self.engine.heartbeat
+        return web.json_response({"status": "ok", "steps": beat.steps, "busy": beat.busy,
+                                  "since_progress_s": round(beat.since_progress(time.monotonic()), 3)})
 
     async def health_generate(self, request: web.Request) -> web.Response:
         if self.state != "ready":
@@ -241,21 +264,18 @@ class EngineServer:
         return web.json_response({"success": True})
 
     async def generate(self, request: web.Request) -> web.StreamResponse:
-        body = await read_json(request)
-        with self._admitted():
-            req = parse(GenerateRequest, body)
-            prompts = req.prompts()
-            if not prompts:
-                raise bad_request("the batch is empty", "text" if req.text is not None else "input_ids")
-            count = len(prompts)
-            rids = req.per_item("rid", count) if req.rid is not None else [uuid.uuid4().hex for _ in prompts]
-            field = "text" if req.text is not None else "input_ids"
-            jobs = []
-            for prompt, sp, rid, lp, start, top in zip(
-                    prompts, req.per_item("sampling_params", count), rids, req.per_item("return_logprob", count),
-                    req.per_item("logprob_start_len", count), req.per_item("top_logprobs_num", count)):
-                logprobs = LogprobRequest(return_logprob=lp, logprob_start_len=start, top_logprobs_num=top)
-                jobs.append((self._prepare(prompt, sampling_params(sp), logprobs, field), rid))
+        req = parse(GenerateRequest, await read_json(request))
+        prompts = req.prompts()
+        count = len(prompts)
+        rids = req.per_item("rid", count) if req.rid is not None else [uuid.uuid4().hex for _ in prompts]
+        params = [sampling_params(sp) for sp in req.per_item("sampling_params", count)]
+        logprobs = [LogprobRequest(return_logprob=lp, logprob_start_len=start, top_logprobs_num=top)
+                    for lp, start, top in zip(req.per_item("return_logprob", count),
+                                              req.per_item("logprob_start_len", count),
+                                              req.per_item("top_logprobs_num", count))]
+        with self._admitted(params, req.prompt_field):
+            prepared = await self._prepare(list(zip(prompts, params, logprobs)), req.prompt_field)
+            jobs = list(zip(prepared, rids))
             with_text = req.return_text_in_logprobs
             n_total = sum(job.params.n for job, _ in jobs)
             as_list = req.is_batch or n_total > 1
@@ -298,50 +318,51 @@ class EngineServer:
         }]})
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
-        body = await read_json(request)
-        with self._admitted():
-            req = parse(CompletionRequest, body)
-            self._check_model(req.model)
-            if req.echo:
-                raise bad_request("echo is not supported", "echo", "unsupported")
-            batch = isinstance(req.prompt, list) and req.prompt and not isinstance(req.prompt[0], int)
-            prompts = req.prompt if batch else [req.prompt]
-            grammar, grammar_field = req.grammar()
-            params = sampling_params(req.sampling_dict(req.max_tokens, grammar))
+        req = parse(CompletionRequest, await read_json(request))
+        self._check_model(req.model)
+        if req.echo:
+            raise bad_request("echo is not supported", "echo", "unsupported")
+        prompts = req.prompts()
+        grammar, grammar_field = req.grammar()
+        params = sampling_params(req.sampling_dict(req.max_tokens, grammar))
+        with self._admitted([params] * len(prompts), "prompt"):
             return await self._openai(request, req, prompts, params, top=req.logprobs, chat=False,
                                       grammar_field=grammar_field)
 
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
-        body = await read_json(request)
-        with self._admitted():
-            req = parse(ChatCompletionRequest, body)
-            self._check_model(req.model)
-            max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-            tools = req.forced_tool_calls()
-            grammar, grammar_field = ({"json_schema": json.dumps(tools.schema())}, "tools") if tools else req.grammar()
-            # No limit given: up to the context, which engine.prepare clips to.
-            params = sampling_params(req.sampling_dict(max_tokens if max_tokens is not None
-                                                       else self.engine.context_length, grammar))
-            messages = [m.for_template() for m in req.messages]
-            declared = [t.model_dump(exclude_none=True) for t in req.tools] if req.tools else None
-            try:  # templates that know tools show them to the model; the others ignore them
-                text = self.engine.apply_chat_template(messages, tools=declared)
-            except Exception as exc:  # the template itself may refuse a conversation (e.g. role order)
-                raise bad_request(f"chat template failed: {exc}", "messages") from None
-            # The rendered template already holds its special tokens (BOS included, where it has one).
-            prompt = self.engine.tokenizer.encode(text, add_special_tokens=False)
+        req = parse(ChatCompletionRequest, await read_json(request))
+        self._check_model(req.model)
+        max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+        tools = req.forced_tool_calls()
+        grammar, grammar_field = ({"json_schema": json.dumps(tools.schema())}, "tools") if tools else req.grammar()
+        # No limit given: up to the context, which engine.prepare clips to.
+        params = sampling_params(req.sampling_dict(max_tokens if max_tokens is not None else MAX_COUNT, grammar))
+        messages = [m.for_template() for m in req.messages]
+        declared = [t.model_dump(exclude_none=True) for t in req.tools] if req.tools else None
+        with self._admitted([params], "messages"):
+            # In a thread, as _prepare: rendering and tokenizing a long conversation takes a while.
+            prompt = await asyncio.to_thread(self._chat_prompt, messages, declared)
             top = (req.top_logprobs or 0) if req.logprobs else None
             return await self._openai(request, req, [prompt], params, top=top, chat=True, grammar_field=grammar_field,
                                       tools=tools)
+
+    def _chat_prompt(self, messages: list[dict], tools: list[dict] | None) -> list[int]:
+        """The conversation rendered with the model's chat template, as token ids."""
+        try:  # templates that know tools show them to the model; the others ignore them
+            text = self.engine.apply_chat_template(messages, tools=tools)
+        except Exception as exc:  # the template itself may refuse a conversation (e.g. role order)
+            raise bad_request(f"chat template failed: {exc}", "messages") from None
+        # The rendered template already holds its special tokens (BOS included, where it has one).
+        return self.engine.tokenizer.encode(text, add_special_tokens=False)
 
     async def _openai(self, request, req, prompts, params: SamplingParams, top: int | None, chat: bool,
                       grammar_field: str | None, tools: ForcedToolCalls | None = None):
         """Both OpenAI endpoints: one job per prompt; choice index = prompt index * n + sample index."""
         base = req.rid or uuid.uuid4().hex
         logprobs = LogprobRequest(return_logprob=top is not None, top_logprobs_num=top or 0)
-        field = "messages" if chat else "prompt"
-        jobs = [(self._prepare(p, params, logprobs, field, grammar_field), f"{base}-{i}")
-                for i, p in enumerate(prompts)]
+        prepared = await self._prepare([(p, params, logprobs) for p in prompts], "messages" if chat else "prompt",
+                                        grammar_field)
+        jobs = [(job, f"{base}-{i}") for i, job in enumerate(prepared)]
         object_id = ("chatcmpl-" if chat else "cmpl-") + base
         created = int(time.time())
 

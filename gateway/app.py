@@ -118,11 +118,14 @@ class Gateway:
         self.routing_text = RoutingText()
         self.queued = 0
         self.admitting = True  # False once shutdown begins: new requests get 503
-        # Called with (worker name, why) when probes or the stall watchdog find a ready worker hung;
+        # Called with (worker name, why) when a worker is found hung (health.py says on what evidence);
         # the supervisor kills and restarts its own engines from here.
         self.on_hung: Callable[[str, str], None] | None = None
+        # Whether a worker's process is stopped (SIGSTOP), looked at once per probe round: the supervisor
+        # answers for its own engines, None for any other worker.
+        self.process_stopped: Callable[[str], bool | None] = lambda name: None
         self.discovery: DnsDiscovery | None = None
-        self._probes: set[asyncio.Task] = set()  # probes of workers added at run time
+        self._probes: dict[str, asyncio.Task] = {}  # the probe in flight of each worker, by name: one at most
         self._capacity = asyncio.Condition()  # notified whenever a worker finishes a request
         self.session: aiohttp.ClientSession | None = None
         self.app = web.Application(client_max_size=config.max_request_bytes,
@@ -161,6 +164,8 @@ class Gateway:
 
     async def _stop(self, app) -> None:
         self._prober.cancel()
+        for probe in self._probes.values():
+            probe.cancel()
         self._set_discovery(None)
         await self.session.close()
 
@@ -173,11 +178,16 @@ class Gateway:
         self.admitting = False
 
     async def _probe_forever(self) -> None:
+        """Rounds every interval that no slow worker holds up: a worker whose last probe is still out
+        gets no second one, but the stall watchdog and the process check see every worker each round."""
         while True:
             await asyncio.sleep(self.config.health.interval)
-            for w in self.workers:  # before the probes: a stalled worker's probe must not re-admit it
-                w.health.check_stall(w.inflight)
-            await asyncio.gather(*(self._probe(w) for w in self.workers))
+            for w in self.workers:
+                w.health.check_stall(w.inflight)  # before the probe: a stalled worker's probe must not re-admit it
+                stopped = self.process_stopped(w.name)
+                if stopped is not None:
+                    w.health.process_checked(stopped)
+                self._probe_soon(w)
 
     def _hung(self, name: str, why: str) -> None:
         if self.on_hung is not None:
@@ -270,10 +280,11 @@ class Gateway:
             self._probe_soon(self.add_worker(url.split("://", 1)[1], url, "dns"))
 
     def _probe_soon(self, worker: GatewayWorker) -> None:
-        """Probe a new worker now rather than at the next round (the task is kept until it ends)."""
-        task = asyncio.get_running_loop().create_task(self._probe(worker))
-        self._probes.add(task)
-        task.add_done_callback(self._probes.discard)
+        """Probe a worker now without waiting for the answer, unless its last probe is still out."""
+        if worker.name in self._probes:
+            return
+        task = self._probes[worker.name] = asyncio.get_running_loop().create_task(self._probe(worker))
+        task.add_done_callback(lambda _: self._probes.pop(worker.name, None))
 
     def _worker(self, name: str) -> GatewayWorker:
         for w in self.workers:
@@ -282,28 +293,39 @@ class Gateway:
         raise APIError(404, f"no worker named {name!r}", param="name", code="worker_not_found")
 
     async def _probe(self, worker: GatewayWorker, admit: bool = False) -> None:
-        """One probe, reported to the worker's health; `admit` (the supervisor's word) readmits at once."""
-        if not await self._answers(worker):
+        """One probe, reported to the worker's health; `admit` (the supervisor's word) readmits at once.
+        A timeout is told apart from a failure: a slow answer is no evidence of a hang (health.py)."""
+        try:
+            since_progress = await self._answers(worker)
+        except asyncio.TimeoutError:
+            worker.health.probe_timed_out()
+            return
+        if since_progress is None:
             worker.health.probe_failed()
         elif admit:
             worker.health.admit()
         else:
-            worker.health.probe_ok()
+            worker.health.probe_ok(since_progress)
 
-    async def _answers(self, worker: GatewayWorker) -> bool:
-        """/health answers 200 (and /v1/models, until the worker's models are known)."""
+    async def _answers(self, worker: GatewayWorker) -> float | None:
+        """None unless /health answers 200 (and /v1/models, until the worker's models are known); else
+        the engine's heartbeat: seconds its scheduler has had work without finishing a step (0 from a
+        worker that reports none). Raises asyncio.TimeoutError when no answer comes in time."""
         timeout = aiohttp.ClientTimeout(total=self.config.health.timeout)
         try:
             async with self.session.get(worker.url + "/health", timeout=timeout) as resp:
                 if resp.status != 200:
-                    return False
+                    return None
+                body = await resp.read()
             if not worker.models:
                 async with self.session.get(worker.url + "/v1/models", timeout=timeout) as resp:
                     worker.models = {m["id"] for m in (await resp.json())["data"]}
                 await self.routing_text.learn(self.session, worker.url, worker.models, timeout)
-        except (aiohttp.ClientError, asyncio.TimeoutError, KeyError, ValueError):
-            return False
-        return True
+        except asyncio.TimeoutError:
+            raise  # aiohttp's timeouts are ClientErrors too: not a failure
+        except (aiohttp.ClientError, KeyError, ValueError):
+            return None
+        return _since_progress(body)
 
     # ---- the request path ---------------------------------------------------------------------------
 
@@ -312,20 +334,21 @@ class Gateway:
         if not self.admitting:
             raise APIError(503, "the server is shutting down", code="shutting_down", headers={"Retry-After": "5"})
         key = self.auth.identify(request)
-        body = await read_json(request)
+        body = await read_json(request)  # nesting bounded (sglang_gw/limits.py); the engine checks the rest
         raw = await request.read()  # cached by aiohttp: forwarded as the client sent it
         if not isinstance(body, dict):
             raise bad_request("the request body must be a JSON object", None, "invalid_json")
+        model = _requested_model(request.path, body)
         started = time.perf_counter()
-        with self.auth.admit(key, body.get("model") if request.path != "/generate" else None):
-            resp = await self._route(request, request_id, body, raw, started)
+        with self.auth.admit(key, model):
+            resp = await self._route(request, request_id, body, model, raw, started)
         self.metrics.latency.labels(request.path).observe(time.perf_counter() - started)
         return resp
 
-    async def _route(self, request: web.Request, request_id: str, body: dict, raw: bytes,
+    async def _route(self, request: web.Request, request_id: str, body: dict, model: str | None, raw: bytes,
                      started: float) -> web.StreamResponse:
         """Attempts until a worker answers: each on a worker not tried yet while there is one."""
-        pool = self._candidates(request.path, body)
+        pool = self._candidates(model)
         route = RouteRequest(self.routing_text(request.path, body))
         tried: set[str] = set()
         for attempt in range(self.config.max_retries + 1):
@@ -463,12 +486,9 @@ class Gateway:
             self.queued -= 1
         return [w for w in candidates if w.inflight < limit]
 
-    def _candidates(self, path: str, body: dict) -> list[GatewayWorker]:
+    def _candidates(self, model: str | None) -> list[GatewayWorker]:
         ready = [w for w in self.workers if w.routable]
-        if path != "/generate":  # SGLang's native API has no model field
-            model = body.get("model")
-            if not isinstance(model, str):
-                raise bad_request("model: a model name is required", "model", "missing_model")
+        if model is not None:
             served = {m for w in self.workers for m in w.models}
             if model not in served:
                 raise APIError(404, f"model {model!r} is not served here; available: {sorted(served)}",
@@ -629,6 +649,16 @@ class Gateway:
                                   "inflight": worker.inflight})
 
 
+def _requested_model(path: str, body: dict) -> str | None:
+    """The model an OpenAI request names (400 unless a string); None on /generate, which has no model field."""
+    if path == "/generate":
+        return None
+    model = body.get("model")
+    if not isinstance(model, str):
+        raise bad_request("model: a model name is required", "model", "missing_model")
+    return model
+
+
 def _answer_headers(upstream: aiohttp.ClientResponse, decision: Decision, route: str, request_id: str) -> dict:
     headers = {"Content-Type": upstream.headers.get("Content-Type", "application/json"),
                "x-sglang-gw-worker": decision.worker.name, "x-sglang-gw-route": route, "x-request-id": request_id,
@@ -673,6 +703,16 @@ def reported_cached_tokens(body: bytes) -> int:
         details = usage.get("prompt_tokens_details") or {}
         total += int(details.get("cached_tokens") or (item.get("meta_info") or {}).get("cached_tokens") or 0)
     return total
+
+
+def _since_progress(health_body: bytes) -> float:
+    """`since_progress_s` from an engine's /health answer (engine/server.py); 0 from a worker that
+    reports no heartbeat (SGLang's /health is empty)."""
+    try:
+        report = json.loads(health_body)
+        return float(report.get("since_progress_s", 0.0)) if isinstance(report, dict) else 0.0
+    except (ValueError, TypeError):
+        return 0.0
 
 
 async def run_gateway(config: GatewayConfig) -> int:

@@ -69,6 +69,7 @@ class HealthConfig(Strict):
     failure_threshold: int = Field(2, ge=1)  # consecutive failed probes ⇒ unhealthy
     success_threshold: int = Field(1, ge=1)  # consecutive successful probes ⇒ ready again
     stall_timeout: float = Field(60.0, gt=0)  # in-flight requests but no byte for this long ⇒ unhealthy
+    hang_timeout: float = Field(60.0, gt=0)  # the engine reports work but no finished step for this long ⇒ hung
     breaker_threshold: int = Field(5, ge=1)  # connect errors / 5xx / broken answers in a row that open the circuit
     breaker_cooldown: float = Field(30.0, gt=0)  # seconds an open circuit keeps the worker out before one trial
 

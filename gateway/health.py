@@ -1,17 +1,29 @@
 """One worker's health as the gateway sees it: a state machine, a circuit breaker and an operator's hold.
 
 The gateway only reports events (a probe's result, a connect error, an answer's status, a broken
-stream, the stall watchdog's look, the supervisor's exit/restart/admit, a drain); this class owns
-every transition and logs it from one place per machine (`_set_state`, `_set_breaker`).
+stream, the stall watchdog's look, the supervisor's look at a local engine's process, its
+exit/restart/admit, a drain); this class owns every transition and logs it from one place per
+machine (`_set_state`, `_set_breaker`).
+
+Busy is not hung (issue 12): a probe that times out says only that the worker's event loop is slow
+or gone, so it never makes a worker hung. Hung takes evidence of no progress: the engine's own
+heartbeat (work, but no finished step for hang_timeout), its process stopped (SIGSTOP), or answers
+that say it cannot serve.
 
 State (is the process there and answering?):
 
     starting ──probe failed──▶ unhealthy          (no on_hung: it never served)
-    starting/unhealthy ──success_threshold probes ok, no stall──▶ ready
+    starting/unhealthy ──success_threshold probes ok, no stall, scheduler progressing──▶ ready
     any but dead ──admit (the supervisor saw /health 200)──▶ ready
-    ready ──failure_threshold probes failed, or a stall──▶ unhealthy + on_hung(name, why)
-    any but dead ──connect error, broken stream──▶ unhealthy
+    ready ──failure_threshold probes failed (answered, not 200; or refused)──▶ unhealthy, hung
+    any but dead ──a probe: the scheduler has work and no step for hang_timeout──▶ unhealthy, hung
+    any but dead ──process stopped──▶ unhealthy; still stopped failure_threshold looks in a row: hung
+    any but dead ──failure_threshold probes timed out and no byte from it meanwhile──▶ unhealthy (not hung)
+    any but dead ──connect error, broken stream, stall──▶ unhealthy (not hung)
     any ──exited──▶ dead ──restarted──▶ starting  (nothing else leaves dead: probes never re-admit it)
+
+Hung: on_hung(name, why) fires, once until the worker is ready again (the supervisor kills and
+restarts its own engines; a remote worker is only logged).
 
 Breaker (do its requests succeed?), independent of the state and of the probes:
 
@@ -54,7 +66,8 @@ class WorkerHealth:
     # Invariants, kept by the methods below:
     # - routable ⇔ ready ∧ ¬draining ∧ (breaker closed ∨ (half_open ∧ no trial in flight));
     # - only restarted() leaves dead; only drain() changes `draining`;
-    # - on_hung fires once per ready → unhealthy move that probes or a stall caused;
+    # - hung ⇒ state is unhealthy or dead: on_hung fires once per hang, and `hung` clears only on ready or restarted();
+    # - a timed-out probe, a stall or a connect error never makes a worker hung;
     # - the breaker reaches half_open only from open after the cooldown, and then lets one trial through.
 
     def __init__(self, name: str, settings: HealthConfig, on_hung: Callable[[str, str], None] | None = None,
@@ -66,9 +79,13 @@ class WorkerHealth:
         self.state = State.STARTING
         self.draining = False  # an operator's hold: no new requests; probes do not change it
         self.probe_successes = 0  # in a row
-        self.probe_failures = 0  # in a row
+        self.probe_failures = 0  # answered but not 200, or refused: in a row
+        self.probe_timeouts = 0  # in a row
+        self.stopped_looks = 0  # the supervisor found the process stopped: in a row
+        self.hung = False  # on_hung fired for this hang
         self.stalled = False  # the stall watchdog's last look found a stall: probes may not re-admit
-        self.last_progress = clock()  # the last byte relayed from the worker (for the stall watchdog)
+        self.last_progress = clock()  # the last byte relayed or request routed (the stall watchdog's clock)
+        self.last_heard = clock()  # the last byte relayed from the worker
         self.request_failures = 0  # connect errors, 5xx answers and broken streams in a row
         self._breaker = Breaker.CLOSED
         self._open_until = 0.0
@@ -91,33 +108,64 @@ class WorkerHealth:
 
     # ---- probes and the supervisor ---------------------------------------------------------------------
 
-    def probe_ok(self) -> None:
-        self.probe_failures, self.probe_successes = 0, self.probe_successes + 1
+    def probe_ok(self, since_progress: float = 0.0) -> None:
+        """/health answered 200; `since_progress`: how long the engine's scheduler has had work without
+        finishing a step, from its heartbeat (0 from a worker that reports none)."""
+        if since_progress > self.settings.hang_timeout:
+            self._hang(f"scheduler busy with no step for {since_progress:.1f}s")
+            return
+        self.probe_failures = self.probe_timeouts = 0
+        self.probe_successes += 1
         if (self.state in (State.STARTING, State.UNHEALTHY) and not self.stalled
                 and self.probe_successes >= self.settings.success_threshold):
-            self._set_state(State.READY, "probe")
+            self._ready("probe")
 
     def probe_failed(self) -> None:
+        """/health answered but not 200 (loading, draining, an engine error), or the connection failed."""
         self.probe_successes, self.probe_failures = 0, self.probe_failures + 1
         if self.state is State.STARTING:
-            self._set_state(State.UNHEALTHY, "probe")
+            self._take_out("probe")
         elif self.probe_failures >= self.settings.failure_threshold:
-            self._take_out(f"{self.probe_failures} failed probes", hung=True)
+            why = f"{self.probe_failures} failed probes"
+            if self.state is State.READY:
+                self._hang(why)
+            else:
+                self._take_out(why)  # it was out already: no new evidence of a hang
+
+    def probe_timed_out(self) -> None:
+        """No answer within the timeout: a loaded event loop, or a process that cannot answer. Out of
+        routing only when the worker relayed no byte meanwhile either (a loaded engine still does)."""
+        self.probe_successes, self.probe_timeouts = 0, self.probe_timeouts + 1
+        heard = self._clock() - self.last_heard < self.settings.interval + self.settings.timeout
+        log.info("gateway.probe_timed_out", worker=self.name, in_a_row=self.probe_timeouts, heard=heard)
+        if self.probe_timeouts >= self.settings.failure_threshold and not heard:
+            self._take_out(f"{self.probe_timeouts} probes timed out, no byte meanwhile")
+
+    def process_checked(self, stopped: bool) -> None:
+        """The supervisor's look at a local engine's process, once per probe round. A stopped process
+        (SIGSTOP) cannot serve now and will not resume by itself."""
+        self.stopped_looks = self.stopped_looks + 1 if stopped else 0
+        if self.stopped_looks >= self.settings.failure_threshold:
+            self._hang(f"process stopped at {self.stopped_looks} looks in a row")
+        elif stopped:
+            self._take_out("process stopped")
 
     def admit(self) -> None:
         """The supervisor saw the engine answer /health and so did our probe: ready at once."""
-        self.probe_failures, self.probe_successes = 0, self.probe_successes + 1
+        self.probe_failures = self.probe_timeouts = 0
+        self.probe_successes += 1
         if self.state is not State.DEAD:
-            self._set_state(State.READY, "supervisor")
+            self._ready("supervisor")
 
     def exited(self) -> None:
         self._set_state(State.DEAD, "process exited")
 
     def restarted(self) -> None:
         """A new process: nothing learned about the old one applies, its breaker included."""
-        self.probe_successes = self.probe_failures = self.request_failures = 0
-        self.stalled = False
-        self.last_progress = self._clock()
+        self.probe_successes = self.probe_failures = self.probe_timeouts = self.stopped_looks = 0
+        self.request_failures = 0
+        self.stalled = self.hung = False
+        self.last_progress = self.last_heard = self._clock()
         self._set_breaker(Breaker.CLOSED, "process restarted")
         self._set_state(State.STARTING, "process restarted")
 
@@ -142,10 +190,11 @@ class WorkerHealth:
             self._trial = None
 
     def progress(self) -> None:
-        self.last_progress = self._clock()
+        self.last_progress = self.last_heard = self._clock()
 
     def response(self, status: int) -> None:
         """The worker answered: a 5xx counts against the breaker, anything else closes it."""
+        self.last_heard = self._clock()
         if status >= 500:
             self._request_failed(f"status {status}")
         else:
@@ -155,30 +204,38 @@ class WorkerHealth:
 
     def connect_error(self, why: str) -> None:
         """Out at once (a probe re-admits it), and one failure for the breaker."""
-        self.probe_successes = 0
-        self._take_out(why, hung=False)
+        self._take_out(why)
         self._request_failed(why)
 
     def stream_failed(self, why: str) -> None:
         self.connect_error(why)  # the connection broke mid-answer: the same evidence
 
     def check_stall(self, inflight: int) -> None:
-        """The watchdog's look: requests in flight but no byte for stall_timeout mean a hang."""
+        """The watchdog's look: requests in flight but no byte for stall_timeout take the worker out
+        until the stall ends. Not hung by itself: long answers that are not streamed send no byte."""
         quiet = self._clock() - self.last_progress
         self.stalled = inflight > 0 and quiet > self.settings.stall_timeout
         if self.stalled:
-            self.probe_successes = 0
-            self._take_out(f"no bytes for {quiet:.1f}s with {inflight} in flight", hung=True)
+            self._take_out(f"no bytes for {quiet:.1f}s with {inflight} in flight")
 
     # ---- the transitions -------------------------------------------------------------------------------
 
-    def _take_out(self, why: str, hung: bool) -> None:
-        if self.state is State.DEAD:
+    def _take_out(self, why: str) -> None:
+        self.probe_successes = 0  # re-admission counts from here
+        if self.state is not State.DEAD:
+            self._set_state(State.UNHEALTHY, why)
+
+    def _hang(self, why: str) -> None:
+        if self.state is State.DEAD or self.hung:
             return
-        was_ready = self.state is State.READY
-        self._set_state(State.UNHEALTHY, why)
-        if hung and was_ready and self.on_hung is not None:
+        self._take_out(why)
+        self.hung = True
+        if self.on_hung is not None:
             self.on_hung(self.name, why)  # the supervisor kills and restarts its own hung engines
+
+    def _ready(self, why: str) -> None:
+        self.hung = False  # a later hang is a new one
+        self._set_state(State.READY, why)
 
     def _request_failed(self, why: str) -> None:
         breaker = self.breaker

@@ -36,11 +36,15 @@ def _load_template(path: str) -> ChatTemplate | None:
         return None
 
 
+def _text(value: object) -> str:
+    return value if isinstance(value, str) else ""
+
+
 def _content(message: dict) -> str:
     content = message.get("content")
     if isinstance(content, list):
-        return "".join(part.get("text", "") for part in content if isinstance(part, dict))
-    return content if isinstance(content, str) else ""
+        return "".join(_text(part.get("text")) for part in content if isinstance(part, dict))
+    return _text(content)
 
 
 class RoutingText:
@@ -67,15 +71,19 @@ class RoutingText:
             log.info("gateway.routing_text", model=model, chat_template=self._templates[model] is not None)
 
     def __call__(self, path: str, body: dict) -> str:
+        """Never raises, whatever the JSON: a malformed body is routed anywhere sane, and the engine refuses it."""
         if path == "/v1/chat/completions":
-            messages = [m for m in body.get("messages") or [] if isinstance(m, dict)]
-            template = self._templates.get(body.get("model"))
+            messages = body.get("messages")
+            messages = [{"role": _text(m.get("role")), "content": _content(m)}
+                        for m in (messages if isinstance(messages, list) else []) if isinstance(m, dict)]
+            model = body.get("model")
+            template = self._templates.get(model) if isinstance(model, str) else None
             if template is not None:
                 try:
-                    return template.render([{"role": m.get("role"), "content": _content(m)} for m in messages])
+                    return template.render(messages)
                 except Exception:  # noqa: BLE001 — the engine will reject it; route it anywhere sane
                     pass
-            return "".join(f"<{m.get('role')}>{_content(m)}\n" for m in messages)
+            return "".join(f"<{m['role']}>{m['content']}\n" for m in messages)
         if path == "/v1/completions":
             return prompt_text(body.get("prompt"))
         text = body.get("text")

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import json
+import re
 from typing import Callable
 
+import numpy as np
 import structlog
 from aiohttp import web
+
+from .limits import MAX_JSON_DEPTH
 
 log = structlog.get_logger(__name__)
 
@@ -70,9 +74,38 @@ def error_middleware(max_request_bytes: int, unexpected_status: Callable[[], int
 
 
 async def read_json(request: web.Request) -> object:
-    """The request body as JSON; malformed → 400 (too large → 413 through the middleware)."""
+    """The request body as JSON; malformed, nested too deep or not encodable → 400 (too large → 413 through
+    the middleware)."""
     raw = await request.read()
+    _check_nesting(raw)  # before json.loads, whose recursion a deeply nested body would exhaust
     try:
-        return json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        body = json.loads(raw)
+    except ValueError as exc:  # JSONDecodeError, bad UTF-8, integers over Python's 4,300-digit limit
         raise bad_request(f"malformed JSON: {exc}", None, "invalid_json") from None
+    # A lone UTF-16 surrogate escape ("\ud800") parses, but no tokenizer, grammar or UTF-8 encoder takes
+    # it. Only a body with such an escape (emoji escaped as pairs, usually) is checked, by encoding it.
+    if _SURROGATE_ESCAPE.search(raw):
+        try:
+            json.dumps(body, ensure_ascii=False).encode()
+        except UnicodeEncodeError:
+            raise bad_request("malformed JSON: a string holds a lone UTF-16 surrogate", None, "invalid_json") from None
+    return body
+
+
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
+_AS_SQUARE = bytes.maketrans(b"{}", b"[]")
+_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
+
+
+def _check_nesting(raw: bytes) -> None:
+    """400 unless the arrays and objects of a JSON text nest at most MAX_JSON_DEPTH deep. Checked without
+    recursion, at C speed (a 16 MB body takes ~0.1 s): its brackets outside strings, as a running depth."""
+    brackets = np.frombuffer(_JSON_STRING.sub(b"", raw).translate(_AS_SQUARE, _NOT_BRACKETS), dtype=np.uint8)
+    if not brackets.size:
+        return
+    depth = np.cumsum(np.where(brackets == ord("["), np.int8(1), np.int8(-1)), dtype=np.int32)
+    if depth.max() > MAX_JSON_DEPTH:
+        raise bad_request(f"malformed JSON: nested deeper than {MAX_JSON_DEPTH} levels", None, "invalid_json")
+    if depth.min() < 0 or depth[-1] != 0:  # never JSON; json.loads reports it, but unclosed ones first recurse
+        raise bad_request("malformed JSON: unbalanced brackets", None, "invalid_json")

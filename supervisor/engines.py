@@ -14,6 +14,7 @@ import json
 import os
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import structlog
 
@@ -66,6 +67,16 @@ async def spawn(spec: EngineSpec) -> asyncio.subprocess.Process:
     return await asyncio.create_subprocess_exec(
         *spec.argv, env=env, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT, start_new_session=True, limit=1 << 20)
+
+
+def is_stopped(pid: int) -> bool:
+    """The process is stopped by a signal (SIGSTOP, SIGTSTP: state T in /proc/PID/stat; a debugger's
+    ptrace stop is t, not T): it runs nothing until someone sends SIGCONT. False off Linux."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rpartition(")")[2].split()[0] == "T"  # the state follows "(comm)", which may hold ")"
 
 
 async def relay_logs(name: str, process: asyncio.subprocess.Process) -> None:

@@ -7,8 +7,10 @@ Each engine slot runs one loop, which reads like the policy:
     → planned restart: spawn again now; crash or hang: count it, and either wait out an exponential
       backoff or, at max_restarts within restart_window, hold the slot out until an operator restarts it.
 
-Hung engines are found by the gateway (failed probes, a stalled stream) and killed here; the loop
-then restarts them like any crash. A rolling restart drains one engine at a time and only takes the
+Hung engines are found by the gateway and killed here; the loop then restarts them like any crash.
+Busy is not hung: the gateway calls an engine hung on evidence that it makes no progress (its
+scheduler's heartbeat, failed /health answers) or when this supervisor finds its process stopped
+(SIGSTOP), never because probes were slow (gateway/health.py). A rolling restart drains one engine at a time and only takes the
 next one down once every other engine is ready again.
 
 Invariant: a slot's phase is "ready" only while its process runs and the gateway routes to it;
@@ -30,7 +32,7 @@ from prometheus_client import Counter, Gauge
 from ..config import ServeConfig, SupervisorConfig
 from ..errors import APIError
 from ..gateway.app import Gateway
-from .engines import EngineSpec, relay_logs, spawn
+from .engines import EngineSpec, is_stopped, relay_logs, spawn
 
 log = structlog.get_logger(__name__)
 
@@ -62,6 +64,7 @@ class Supervisor:
         self._rolling: asyncio.Task | None = None
         self.session: aiohttp.ClientSession | None = None
         gateway.on_hung = self._on_hung
+        gateway.process_stopped = self._process_stopped
         r = gateway.metrics.registry
         self.m_restarts = Counter("sglang_gw_engine_restarts", "engine restarts by reason", ["engine", "reason"],
                                   registry=r)
@@ -165,6 +168,15 @@ class Supervisor:
             log.warning("supervisor.engine_hung", engine=name, pid=slot.process.pid, why=why)
             slot.planned = "hung"
             slot.process.kill()
+
+    def _process_stopped(self, name: str) -> bool | None:
+        """For the gateway's probe rounds: whether a local engine's process is stopped; None for a
+        worker that is not ours."""
+        slot = self.slots.get(name)
+        if slot is None:
+            return None
+        process = slot.process
+        return process is not None and process.returncode is None and is_stopped(process.pid)
 
     def _set_phase(self, slot: EngineSlot, phase: str) -> None:
         slot.phase = phase

@@ -22,13 +22,19 @@ ADMIN_KEY = "sk-gw-admin-for-tests"
 def fake_engine(mode: str) -> web.Application:
     """ok: answers; error503/error500: fails every generation; midstream: drops the connection after two
     SSE events; midjson: drops it halfway through a JSON answer; stall: stops sending after two events,
-    connection open; hang: never answers /health; slow: answers after 0.5 s; other: serves the model
-    "other-model". A "-suffix" only names another worker of the same kind."""
+    connection open; hang: never answers /health; slowhealth: answers /health after 1.5 s (past the
+    probe timeout) and everything else at once; stuck: its /health heartbeat says the scheduler has had
+    work and no finished step for 999 s; slow: answers after 0.5 s; other: serves the model "other-model".
+    A "-suffix" only names another worker of the same kind."""
     mode = mode.split("-")[0]
 
     async def health(request):
         if mode == "hang":
             await asyncio.sleep(3600)
+        if mode == "slowhealth":
+            await asyncio.sleep(1.5)
+        if mode == "stuck":
+            return web.json_response({"status": "ok", "steps": 7, "busy": True, "since_progress_s": 999.0})
         return web.json_response({"status": "ok"})
 
     async def models(request):
@@ -176,15 +182,52 @@ def test_json_answer_breaking_mid_body_on_the_only_worker_is_a_json_error(fleet)
     fleet.assert_load_settles()
 
 
+def _hung_calls(fleet) -> list[tuple[str, str]]:
+    calls = []
+    fleet.gateway.on_hung = lambda name, why: calls.append((name, why))
+    return calls
+
+
+def _wait_state(fleet, worker: str, state: str, timeout: float) -> float:
+    """Seconds until `worker` is in `state`."""
+    started = time.monotonic()
+    while fleet.states()[worker] != state:
+        assert time.monotonic() - started < timeout, fleet.states()
+        time.sleep(0.02)
+    return time.monotonic() - started
+
+
 @pytest.mark.parametrize("fleet", [["hang", "ok"]], indirect=True)
-def test_hung_worker_is_taken_out_of_rotation_by_the_probe(fleet):
-    deadline = time.monotonic() + 15
-    while fleet.states()["hang"] != "unhealthy":
-        assert time.monotonic() < deadline, fleet.states()
-        time.sleep(0.05)
+def test_worker_that_never_answers_its_probe_is_taken_out_but_not_called_hung(fleet):
+    hung = _hung_calls(fleet)
+    _wait_state(fleet, "hang", "unhealthy", 15)  # a stopped remote worker looks like this
     for _ in range(4):
         status, headers, _ = asyncio.run(_post(fleet.url, {"model": MODEL, "prompt": "x"}))
         assert status == 200 and headers["x-sglang-gw-worker"] == "ok"
+    assert hung == []  # a timeout is no evidence of a hang: a busy engine's probes time out too
+
+
+@pytest.mark.parametrize("fleet", [["stuck", "ok"]], indirect=True)
+def test_worker_whose_heartbeat_shows_no_progress_is_hung(fleet):
+    hung = _hung_calls(fleet)
+    fleet.gateway.workers[0].health.admit()  # as the supervisor does; its first probe found it hung already
+    _wait_state(fleet, "stuck", "unhealthy", 5)  # the heartbeat's 999 s are past hang_timeout (60 s)
+    assert hung == [("stuck", "scheduler busy with no step for 999.0s")]
+
+
+@pytest.mark.parametrize("fleet", [["slowhealth"]], indirect=True)
+def test_slow_probes_of_a_worker_that_keeps_answering_keep_it_in_rotation(fleet):
+    hung = _hung_calls(fleet)
+    worker = fleet.gateway.workers[0]
+    worker.models = {MODEL}  # its first probe timed out too, before it learned them
+    worker.health.admit()
+    busy_until = time.monotonic() + 3.0  # 2 probe timeouts (1 s each) and more
+    while time.monotonic() < busy_until:  # requests answered all along: the worker is slow to probe, not gone
+        status, _, _ = asyncio.run(_post(fleet.url, {"model": MODEL, "prompt": "x"}))
+        assert status == 200 and fleet.states()["slowhealth"] == "ready"
+    assert worker.health.probe_timeouts >= 2
+    out_after = _wait_state(fleet, "slowhealth", "unhealthy", 5)  # quiet: now nothing vouches for it
+    assert out_after < 3.0 and hung == []
 
 
 @pytest.mark.parametrize("fleet", [["ok", "ok-2"]], indirect=True)

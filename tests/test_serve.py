@@ -1,7 +1,7 @@
 """`sglang-gw serve`: the supervisor and gateway with real engine processes, driven by the OpenAI SDK.
 
 The module's fleet (3 tiny engines) goes through faults: kill -9 of an engine under 32-way load,
-SIGSTOP (hung), a rolling restart under load, SIGHUP reloads (keys during an open stream, remote
+SIGSTOP (hung), saturating load with probes that time out (busy, not hung), a rolling restart under load, SIGHUP reloads (keys during an open stream, remote
 workers and DNS discovery), and SIGTERM with streams in flight. Every request must succeed. Each test
 gets the fleet in its base state (running, every engine ready, the base config loaded), so any one of
 them can run alone; starting it is shared where the tests run together.
@@ -40,10 +40,11 @@ def _client(url: str, key: str = LOAD_KEY) -> openai.OpenAI:
 
 
 class Load:
-    """`clients` threads sending non-streamed chat requests until stopped; records every outcome."""
+    """`clients` threads sending chat requests (streamed or not) until stopped; records every outcome."""
 
-    def __init__(self, url: str, clients: int = 32):
+    def __init__(self, url: str, clients: int = 32, max_tokens: int = 8, stream: bool = False):
         self.url, self.ok, self.errors, self.served = url, 0, [], []  # served: (time, worker)
+        self.max_tokens, self.stream = max_tokens, stream
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._threads = [threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(clients)]
@@ -55,8 +56,11 @@ class Load:
             n += 1
             try:
                 raw = client.chat.completions.with_raw_response.create(
-                    model=MODEL, max_tokens=8, messages=[{"role": "user", "content": f"client {i} request {n}"}])
-                raw.parse()
+                    model=MODEL, max_tokens=self.max_tokens, stream=self.stream, extra_body={"ignore_eos": True},
+                    messages=[{"role": "user", "content": f"client {i} request {n}"}])
+                answer = raw.parse()
+                if self.stream:
+                    assert list(answer)[-1].choices[0].finish_reason == "length"
                 with self._lock:
                     self.ok += 1
                     self.served.append((time.monotonic(), raw.headers["x-sglang-gw-worker"]))
@@ -162,15 +166,16 @@ def test_sigstop_engine_is_detected_as_hung_and_restarted(fleet):
     stopped = time.monotonic()
     os.kill(victim["pid"], signal.SIGSTOP)
     try:
-        # Probe budget: failure_threshold probes, each at most interval + timeout apart.
-        budget = HEALTH["failure_threshold"] * (HEALTH["interval"] + HEALTH["timeout"]) + 1.0
-        fleet.wait_for(lambda: fleet.engines()["engine-1"]["pid"] != victim["pid"], budget + 2, "hung engine killed")
-        detected = time.monotonic() - stopped
+        # Each probe round looks at the process; stopped at failure_threshold (2) looks in a row is hung.
+        budget = 3 * HEALTH["interval"]
+        fleet.wait_for(lambda: fleet.engines()["engine-1"]["pid"] != victim["pid"], budget + 10, "hung engine killed")
+        detected = time.monotonic() - stopped  # the old process has exited: killed
     finally:
         if not process_gone(victim["pid"]):
             os.kill(victim["pid"], signal.SIGKILL)
     back = fleet.wait_for(lambda: (lambda e: e if e["phase"] == "ready" else None)(fleet.engines()["engine-1"]),
                           120, "engine-1 back")
+    print(f"\nSIGSTOP: killed as hung after {detected:.2f}s (budget {budget:.2f}s)")
     assert detected <= budget, detected
     assert process_gone(victim["pid"])
     assert "hung" in back["last_exit"]
@@ -178,6 +183,40 @@ def test_sigstop_engine_is_detected_as_hung_and_restarted(fleet):
     reply = _client(fleet.url).chat.completions.create(model=MODEL, max_tokens=2,
                                                        messages=[{"role": "user", "content": "still there?"}])
     assert reply.usage.completion_tokens == 2
+
+
+def test_saturating_load_with_timed_out_probes_restarts_no_engine(fleet, fleet_config):
+    """Issue 12, busy is not hung: long streams saturate every engine while probes get a 10 ms timeout
+    (they time out under load) and hang_timeout is 2 s. No engine is called hung, none restarted."""
+    before = fleet.wait_all_ready()
+    tight = dict(HEALTH, interval=0.2, timeout=0.01, hang_timeout=2.0)
+    states, watching = [], threading.Event()
+
+    def watch():
+        while not watching.is_set():
+            states.extend(w["state"] for w in fleet.get("/workers")[1]["workers"])
+            time.sleep(0.05)
+
+    with Load(fleet.url, clients=48, max_tokens=300, stream=True) as load:
+        fleet.wait_for(lambda: load.ok >= 8, 60, "load running")
+        logged = len(fleet.logs())
+        fleet.reload(dict(fleet_config, gateway=dict(fleet_config["gateway"], health=tight)))
+        watcher = threading.Thread(target=watch, daemon=True)
+        watcher.start()
+        time.sleep(6.0)
+        watching.set()
+        watcher.join()
+        fleet.reload(fleet_config)
+    new_logs = fleet.logs()[logged:]
+    after = fleet.wait_all_ready()
+    assert load.errors == [], load.errors[:5]
+    assert {n: (e["pid"], e["restarts"]) for n, e in after.items()} == {
+        n: (e["pid"], e["restarts"]) for n, e in before.items()}
+    assert new_logs.count('"event": "gateway.probe_timed_out"') >= 3, "the probes must have timed out"
+    assert '"event": "supervisor.engine_hung"' not in new_logs
+    assert states and set(states) == {"ready"}, {s: states.count(s) for s in set(states)}
+    print(f"\nsaturated: {new_logs.count('gateway.probe_timed_out')} probes timed out, {load.ok} streams ok, "
+          f"every engine ready in {len(states)} looks")
 
 
 def test_rolling_restart_under_load_loses_no_request(fleet):

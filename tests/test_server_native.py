@@ -414,7 +414,10 @@ def test_metrics_count_a_request_exactly(tiny_server):
 
 def test_info_and_health_endpoints(tiny_server):
     url = tiny_server.url
-    assert http("GET", url + "/health")[::2] == (200, {"status": "ok"})
+    status, _, health = http("GET", url + "/health")
+    # The scheduler's heartbeat: steps done (the warm-up's at least); idle, so no time without progress.
+    assert status == 200 and health.pop("steps") >= 1
+    assert health == {"status": "ok", "busy": False, "since_progress_s": 0.0}
     assert http("GET", url + "/health_generate")[::2] == (200, {"status": "ok"})
     status, _, model = http("GET", url + "/get_model_info")
     assert status == 200 and model["is_generation"] is True and model["model_path"]

@@ -277,7 +277,8 @@ def test_api_key(keyed_server):
     assert [m.id for m in good.models.list().data] == ["tiny"]
     assert complete(good, "hi", max_tokens=2, extra_body=NO_EOS).usage.completion_tokens == 2
 
-    assert get_json(keyed_server.url + "/health") == (200, {"status": "ok"})
+    status, health = get_json(keyed_server.url + "/health")
+    assert status == 200 and health["status"] == "ok"
     status, body = get_json(keyed_server.url + "/v1/models")
     assert status == 401 and body["error"]["type"] == "authentication_error"
     assert get_json(keyed_server.url + "/v1/models", {"x-api-key": "secret-key"})[0] == 200

@@ -1,4 +1,6 @@
-"""A worker's health on its own: the state machine and the circuit breaker, event by event, on a fake clock."""
+"""A worker's health on its own: the state machine and the circuit breaker, event by event, on a fake clock.
+Busy is not hung (issue 12): timed-out probes and stalls take a worker out at most; a stuck heartbeat or
+a stopped process makes it hung."""
 
 from __future__ import annotations
 
@@ -9,11 +11,15 @@ from sglang_gw.gateway.config import HealthConfig, parse_config
 from sglang_gw.gateway.health import Breaker, State, WorkerHealth
 
 SETTINGS = HealthConfig(failure_threshold=2, success_threshold=2, breaker_threshold=3, breaker_cooldown=10,
-                        stall_timeout=5)
+                        stall_timeout=5, hang_timeout=20, interval=5, timeout=2)
+QUIET = "wait:8"  # longer than interval + timeout: nothing heard from the worker since the last probe
 
 EVENTS = {
     "ok": WorkerHealth.probe_ok,
     "fail": WorkerHealth.probe_failed,
+    "timeout": WorkerHealth.probe_timed_out,
+    "stopped": lambda h: h.process_checked(True),
+    "running": lambda h: h.process_checked(False),
     "admit": WorkerHealth.admit,
     "refused": lambda h: h.connect_error("connect: ClientConnectorError"),
     "broken": lambda h: h.stream_failed("stream: ClientPayloadError"),
@@ -38,7 +44,8 @@ class Clock:
 
 def replay(events: str) -> tuple[WorkerHealth, list[str]]:
     """Events by name; `wait:S` moves the clock, `watch:N` is the stall watchdog with N requests in flight,
-    `start`/`end` a request routed to the worker and its end (without a verdict)."""
+    `start`/`end` a request routed to the worker and its end (without a verdict), `ok:S` a probe answered
+    200 with a heartbeat of S seconds without a finished step."""
     clock, hung, requests = Clock(), [], []
     health = WorkerHealth("w", SETTINGS, on_hung=lambda name, why: hung.append(why), clock=clock)
     for event in events.split():
@@ -51,6 +58,8 @@ def replay(events: str) -> tuple[WorkerHealth, list[str]]:
             requests.append(health.request_started())
         elif name == "end":
             health.request_ended(requests.pop())
+        elif name == "ok" and arg:
+            health.probe_ok(float(arg))
         else:
             EVENTS[name](health)
     return health, hung
@@ -102,15 +111,45 @@ TRANSITIONS = [
     ("admit exited restarted", "starting", "closed", False, 0),
     ("admit exited restarted ok ok", "ready", "closed", True, 0),
     (OPEN + " exited restarted admit", "ready", "closed", True, 0),  # a new process, a new breaker
-    # the stall watchdog
-    ("admit wait:6 watch:1", "unhealthy", "closed", False, 1),
+    # the stall watchdog: out until the stall ends, never hung by itself (an answer not streamed sends no byte)
+    ("admit wait:6 watch:1", "unhealthy", "closed", False, 0),
     ("admit wait:6 watch:0", "ready", "closed", True, 0),  # idle is no stall
     ("admit wait:4 watch:1", "ready", "closed", True, 0),
     ("admit wait:4 progress wait:4 watch:1", "ready", "closed", True, 0),
     ("admit wait:6 start watch:1", "ready", "closed", True, 0),  # a new request restarts the clock
-    ("admit wait:6 watch:1 watch:1", "unhealthy", "closed", False, 1),
-    ("admit wait:6 watch:1 ok ok", "unhealthy", "closed", False, 1),  # probes wait for the stall to end
-    ("admit wait:6 watch:1 ok ok watch:0 ok", "ready", "closed", True, 1),
+    ("admit wait:6 watch:1 watch:1", "unhealthy", "closed", False, 0),
+    ("admit wait:6 watch:1 ok ok", "unhealthy", "closed", False, 0),  # probes wait for the stall to end
+    ("admit wait:6 watch:1 ok ok watch:0 ok", "ready", "closed", True, 0),
+    ("admit wait:6 watch:1 ok:21", "unhealthy", "closed", False, 1),  # the heartbeat confirms: hung
+    # timed-out probes: slow, not hung; out only when nothing was heard from the worker meanwhile
+    ("admit timeout timeout", "ready", "closed", True, 0),  # heard from (admitted) within interval + timeout
+    (f"admit {QUIET} timeout timeout", "unhealthy", "closed", False, 0),
+    (f"admit {QUIET} timeout timeout timeout timeout", "unhealthy", "closed", False, 0),  # never hung
+    (f"admit {QUIET} timeout progress timeout", "ready", "closed", True, 0),  # a loaded engine relays bytes
+    (f"admit {QUIET} timeout 200 timeout", "ready", "closed", True, 0),
+    (f"admit {QUIET} timeout ok timeout", "ready", "closed", True, 0),  # in a row
+    (f"admit {QUIET} timeout fail", "ready", "closed", True, 0),  # each kind counts its own run
+    (f"admit {QUIET} timeout timeout ok", "unhealthy", "closed", False, 0),
+    (f"admit {QUIET} timeout timeout ok ok", "ready", "closed", True, 0),
+    (f"admit {QUIET} timeout timeout ok:21", "unhealthy", "closed", False, 1),
+    # the engine's heartbeat: work but no finished step for hang_timeout is hung, once per hang
+    ("admit ok:20", "ready", "closed", True, 0),
+    ("admit ok:21", "unhealthy", "closed", False, 1),
+    ("admit ok:21 ok:30 ok:40", "unhealthy", "closed", False, 1),
+    ("admit ok:21 ok ok", "ready", "closed", True, 1),  # progress again: back by probes
+    ("admit ok:21 ok ok ok:21", "unhealthy", "closed", False, 2),  # a new hang
+    ("ok:21", "unhealthy", "closed", False, 1),
+    ("admit ok:21 exited restarted ok ok", "ready", "closed", True, 1),
+    # the supervisor's look at its engine's process: stopped is out at once, hung at failure_threshold looks
+    ("admit running", "ready", "closed", True, 0),
+    ("admit stopped", "unhealthy", "closed", False, 0),
+    ("admit stopped stopped", "unhealthy", "closed", False, 1),
+    ("admit stopped stopped stopped", "unhealthy", "closed", False, 1),
+    ("admit stopped running stopped", "unhealthy", "closed", False, 0),  # SIGCONT in between: in a row
+    ("admit stopped running ok ok", "ready", "closed", True, 0),
+    ("admit wait:6 watch:1 stopped stopped", "unhealthy", "closed", False, 1),  # out already: still hung
+    ("admit stopped stopped exited restarted running ok ok", "ready", "closed", True, 1),
+    ("admit exited stopped stopped ok:21", "dead", "closed", False, 0),
 ]
 
 
