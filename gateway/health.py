@@ -81,6 +81,7 @@ class WorkerHealth:
         self.probe_successes = 0  # in a row
         self.probe_failures = 0  # answered but not 200, or refused: in a row
         self.probe_timeouts = 0  # in a row
+        self.timeouts_since = clock()  # when the first of those timed-out probes was sent
         self.stopped_looks = 0  # the supervisor found the process stopped: in a row
         self.hung = False  # on_hung fired for this hang
         self.stalled = False  # the stall watchdog's last look found a stall: probes may not re-admit
@@ -134,9 +135,13 @@ class WorkerHealth:
 
     def probe_timed_out(self) -> None:
         """No answer within the timeout: a loaded event loop, or a process that cannot answer. Out of
-        routing only when the worker relayed no byte meanwhile either (a loaded engine still does)."""
+        routing only when the worker relayed no byte either since the first of these unanswered probes
+        was sent (a loaded engine still streams; one that cannot answer sends nothing)."""
+        now = self._clock()
+        if self.probe_timeouts == 0:
+            self.timeouts_since = now - self.settings.timeout
         self.probe_successes, self.probe_timeouts = 0, self.probe_timeouts + 1
-        heard = self._clock() - self.last_heard < self.settings.interval + self.settings.timeout
+        heard = self.last_heard >= self.timeouts_since
         log.info("gateway.probe_timed_out", worker=self.name, in_a_row=self.probe_timeouts, heard=heard)
         if self.probe_timeouts >= self.settings.failure_threshold and not heard:
             self._take_out(f"{self.probe_timeouts} probes timed out, no byte meanwhile")

@@ -187,9 +187,12 @@ def test_sigstop_engine_is_detected_as_hung_and_restarted(fleet):
 
 def test_saturating_load_with_timed_out_probes_restarts_no_engine(fleet, fleet_config):
     """Issue 12, busy is not hung: long streams saturate every engine while probes get a 10 ms timeout
-    (they time out under load) and hang_timeout is 2 s. No engine is called hung, none restarted."""
+    (they time out under load) and hang_timeout is 2 s. No engine is called hung, none restarted, none
+    taken out of routing."""
     before = fleet.wait_all_ready()
-    tight = dict(HEALTH, interval=0.2, timeout=0.01, hang_timeout=2.0)
+    # Rounds a second apart: a worker is out only with no byte across two of them, and a step of these
+    # engines under this load (2 cores shared with the clients) takes well under a second.
+    tight = dict(HEALTH, interval=1.0, timeout=0.01, hang_timeout=2.0)
     states, watching = [], threading.Event()
 
     def watch():
@@ -214,7 +217,8 @@ def test_saturating_load_with_timed_out_probes_restarts_no_engine(fleet, fleet_c
         n: (e["pid"], e["restarts"]) for n, e in before.items()}
     assert new_logs.count('"event": "gateway.probe_timed_out"') >= 3, "the probes must have timed out"
     assert '"event": "supervisor.engine_hung"' not in new_logs
-    assert states and set(states) == {"ready"}, {s: states.count(s) for s in set(states)}
+    assert states and set(states) == {"ready"}, ({s: states.count(s) for s in set(states)},
+                                                 [l for l in new_logs.splitlines() if "worker_state" in l][:6])
     print(f"\nsaturated: {new_logs.count('gateway.probe_timed_out')} probes timed out, {load.ok} streams ok, "
           f"every engine ready in {len(states)} looks")
 

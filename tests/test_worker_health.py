@@ -12,7 +12,7 @@ from sglang_gw.gateway.health import Breaker, State, WorkerHealth
 
 SETTINGS = HealthConfig(failure_threshold=2, success_threshold=2, breaker_threshold=3, breaker_cooldown=10,
                         stall_timeout=5, hang_timeout=20, interval=5, timeout=2)
-QUIET = "wait:8"  # longer than interval + timeout: nothing heard from the worker since the last probe
+QUIET = "wait:8"  # longer than timeout: nothing heard from the worker since before the next probe was sent
 
 EVENTS = {
     "ok": WorkerHealth.probe_ok,
@@ -122,7 +122,7 @@ TRANSITIONS = [
     ("admit wait:6 watch:1 ok ok watch:0 ok", "ready", "closed", True, 0),
     ("admit wait:6 watch:1 ok:21", "unhealthy", "closed", False, 1),  # the heartbeat confirms: hung
     # timed-out probes: slow, not hung; out only when nothing was heard from the worker meanwhile
-    ("admit timeout timeout", "ready", "closed", True, 0),  # heard from (admitted) within interval + timeout
+    ("admit timeout timeout", "ready", "closed", True, 0),  # heard from (admitted) after the first unanswered probe was sent
     (f"admit {QUIET} timeout timeout", "unhealthy", "closed", False, 0),
     (f"admit {QUIET} timeout timeout timeout timeout", "unhealthy", "closed", False, 0),  # never hung
     (f"admit {QUIET} timeout progress timeout", "ready", "closed", True, 0),  # a loaded engine relays bytes
