@@ -81,7 +81,8 @@ class WorkerHealth:
         self.probe_successes = 0  # in a row
         self.probe_failures = 0  # answered but not 200, or refused: in a row
         self.probe_timeouts = 0  # in a row
-        self.timeouts_since = clock()  # when the first of those timed-out probes was sent
+        # When the last failure_threshold of those timed-out probes were sent (the window they cover).
+        self.timed_out_sent: list[float] = []
         self.stopped_looks = 0  # the supervisor found the process stopped: in a row
         self.hung = False  # on_hung fired for this hang
         self.stalled = False  # the stall watchdog's last look found a stall: probes may not re-admit
@@ -135,13 +136,14 @@ class WorkerHealth:
 
     def probe_timed_out(self) -> None:
         """No answer within the timeout: a loaded event loop, or a process that cannot answer. Out of
-        routing only when the worker relayed no byte either since the first of these unanswered probes
-        was sent (a loaded engine still streams; one that cannot answer sends nothing)."""
-        now = self._clock()
-        if self.probe_timeouts == 0:
-            self.timeouts_since = now - self.settings.timeout
+        routing only when the last failure_threshold probes timed out and the worker relayed no byte
+        since the first of them was sent (a loaded engine still streams; one that cannot answer does not)."""
+        keep = self.settings.failure_threshold - 1  # with this one, the last failure_threshold
+        earlier = self.timed_out_sent[len(self.timed_out_sent) - keep:] if self.probe_timeouts and keep else []
+        self.timed_out_sent = [*earlier, self._clock() - self.settings.timeout]
         self.probe_successes, self.probe_timeouts = 0, self.probe_timeouts + 1
-        heard = self.last_heard >= self.timeouts_since
+        # Heard since the first of the last failure_threshold unanswered probes was sent?
+        heard = self.last_heard >= self.timed_out_sent[0]
         log.info("gateway.probe_timed_out", worker=self.name, in_a_row=self.probe_timeouts, heard=heard)
         if self.probe_timeouts >= self.settings.failure_threshold and not heard:
             self._take_out(f"{self.probe_timeouts} probes timed out, no byte meanwhile")
