@@ -4,6 +4,7 @@ repo-local cache)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -175,6 +176,17 @@ class EngineProcess:
         code = stop_process(self.proc)
         self._log.close()
         return code
+
+
+@contextlib.contextmanager
+def engine_fleet(count: int, model: str, *extra: str):
+    """`count` engine processes started together (they load in parallel), stopped together."""
+    procs = [EngineProcess(model, *extra) for _ in range(count)]
+    try:
+        yield [p.wait_ready() for p in procs]
+    finally:
+        for p in procs:
+            p.stop()
 
 
 @pytest.fixture(scope="session")

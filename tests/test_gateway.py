@@ -16,7 +16,7 @@ import openai
 import pytest
 import yaml
 
-from conftest import EngineProcess
+from conftest import engine_fleet
 from sglang_gw.testing import DONE, free_port, http_json, sse_event
 from sglang_gw.gateway.auth import new_key
 
@@ -25,13 +25,9 @@ MODEL = "tiny"
 
 @pytest.fixture(scope="module")
 def engines(tiny_models):
-    procs = [EngineProcess(str(tiny_models["llama"]), "--served-model-name", MODEL, "--max-total-tokens", "20000")
-             for _ in range(3)]
-    try:
-        yield [p.wait_ready() for p in procs]
-    finally:
-        for p in procs:
-            p.stop()
+    with engine_fleet(3, str(tiny_models["llama"]), "--served-model-name", MODEL,
+                      "--max-total-tokens", "20000") as engines:
+        yield engines
 
 
 def _start_gateway(engines, tmp_path, **config):

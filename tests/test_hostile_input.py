@@ -14,7 +14,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import EngineProcess
+from conftest import engine_fleet
 from test_gateway import _start_gateway
 from sglang_gw.limits import (MAX_BATCH, MAX_JSON_DEPTH, MAX_LOGIT_BIAS, MAX_N, MAX_STOP, MAX_STOP_TOKEN_IDS,
                               MAX_TOP_LOGPROBS)
@@ -30,14 +30,9 @@ GENERATE = "/generate"
 
 @pytest.fixture(scope="module")
 def engines(tiny_models):
-    procs = [EngineProcess(str(tiny_models["llama"]), "--served-model-name", MODEL, "--max-total-tokens", "20000",
-                           "--max-running-requests", "4", "--max-queued-requests", str(CAPACITY - 4))
-             for _ in range(2)]
-    try:
-        yield [p.wait_ready() for p in procs]
-    finally:
-        for p in procs:
-            p.stop()
+    with engine_fleet(2, str(tiny_models["llama"]), "--served-model-name", MODEL, "--max-total-tokens", "20000",
+                      "--max-running-requests", "4", "--max-queued-requests", str(CAPACITY - 4)) as engines:
+        yield engines
 
 
 @pytest.fixture(scope="module")

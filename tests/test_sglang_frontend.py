@@ -17,7 +17,7 @@ sgl = pytest.importorskip("sglang")
 
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
-from conftest import EngineProcess  # noqa: E402
+from conftest import engine_fleet  # noqa: E402
 from sglang_gw.gateway.auth import new_key  # noqa: E402
 from sglang_gw.testing import http_json  # noqa: E402
 from test_gateway import _start_gateway  # noqa: E402
@@ -31,13 +31,9 @@ SYSTEM = ("You are a careful assistant for a travel agency. You answer questions
 
 @pytest.fixture(scope="module")
 def engines(tiny_models):
-    procs = [EngineProcess(str(tiny_models["llama"]), "--served-model-name", MODEL, "--max-total-tokens", "20000")
-             for _ in range(2)]
-    try:
-        yield [p.wait_ready() for p in procs]
-    finally:
-        for p in procs:
-            p.stop()
+    with engine_fleet(2, str(tiny_models["llama"]), "--served-model-name", MODEL,
+                      "--max-total-tokens", "20000") as engines:
+        yield engines
 
 
 @pytest.fixture(scope="module")
