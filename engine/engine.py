@@ -13,13 +13,14 @@ import threading
 import time
 import uuid
 from collections import deque
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import AsyncIterator, Callable, Sequence
 
 import structlog
 import torch
 from transformers import AutoTokenizer
 
+from ..resume import RESUME_FIELD
 from .attention import create_attention_backend
 from .cpu_kernels import KernelUnavailable, cpu_has
 from .grammar import GrammarStats, InvalidGrammar, create_grammar_backend
@@ -48,6 +49,8 @@ class ValidatedRequest:
     params: SamplingParams
     logprobs: LogprobRequest
     grammar: str | None = None  # params' grammar, compiled by the engine's grammar backend
+    # Sample index → output ids generated elsewhere that this request continues from (sglang_gw/resume.py).
+    resumed: dict[int, list[int]] = field(default_factory=dict)
 
 
 # The scheduler thread's inbox: every message is one of these; anything else is a programming error.
@@ -262,7 +265,7 @@ class Engine:
 
     def prepare(self, prompt: Prompt, params: SamplingParams | None = None,
                 logprobs: LogprobRequest = NO_LOGPROBS, prompt_field: str = "input_ids",
-                grammar_field: str | None = None) -> ValidatedRequest:
+                grammar_field: str | None = None, resumed: dict[int, list[int]] | None = None) -> ValidatedRequest:
         """Tokenize; reject what cannot run (InvalidParamError naming the field: `grammar_field`, where the
         request's grammar came from another field than its kind, e.g. response_format); clip
         max_new_tokens to what the context and pool allow; compile the grammar. Everything the scheduler
@@ -288,7 +291,11 @@ class Engine:
         if len(input_ids) + params.max_new_tokens > limit:
             params = replace(params, max_new_tokens=limit - len(input_ids))
             params = replace(params, min_new_tokens=min(params.min_new_tokens, params.max_new_tokens))
-        return ValidatedRequest(input_ids, params, logprobs, self._compile(params, grammar_field))
+        for sample, ids in (resumed or {}).items():
+            if not 0 <= sample < params.n or len(ids) > params.max_new_tokens or any(not 0 <= t < vocab for t in ids):
+                raise InvalidParamError(RESUME_FIELD, f"sample {sample}: at most max_new_tokens "
+                                                      f"({params.max_new_tokens}) token ids in [0, {vocab})")
+        return ValidatedRequest(input_ids, params, logprobs, self._compile(params, grammar_field), dict(resumed or {}))
 
     def _compile(self, params: SamplingParams, field: str | None) -> str | None:
         spec = params.grammar
@@ -314,7 +321,8 @@ class Engine:
         # Each sequence (each of n samples) walks its own copy of the grammar.
         matcher = self.grammar.matcher(request.grammar) if request.grammar is not None else None
         req = Req(rid, request.input_ids, request.params, tokenizer=self.tokenizer, eos_token_ids=self.eos_token_ids,
-                  on_output=track, logprobs=request.logprobs, sample_index=sample_index, grammar=matcher)
+                  on_output=track, logprobs=request.logprobs, sample_index=sample_index, grammar=matcher,
+                  resumed=request.resumed.get(sample_index))
         self._live[rid] = req
         self._send(AddRequest(req))
         return rid
@@ -387,8 +395,8 @@ class Engine:
             # Prefill the shared prompt once so that every sample reuses its KV from the cache (no
             # logprobs: the samples report those). Generating nothing keeps the request valid.
             prefill_params = replace(request.params, n=1, max_new_tokens=0, min_new_tokens=0)
-            prefill_rid = self._submit(replace(request, params=prefill_params, logprobs=NO_LOGPROBS, grammar=None),
-                                       deliver)
+            prefill_rid = self._submit(replace(request, params=prefill_params, logprobs=NO_LOGPROBS, grammar=None,
+                                               resumed={}), deliver)
             while not (out := await queue.get()).finished or out.rid != prefill_rid:
                 pass
             prompt_cached = out.cached_tokens  # what the cache really saved this request

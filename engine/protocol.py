@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from ..errors import bad_request
 from ..limits import MAX_BATCH, MAX_COUNT, MAX_TOP_LOGPROBS, SEED_MAX, SEED_MIN
+from ..resume import RESUME_FIELD
 from ..validation import describe
 from .sampling_params import GRAMMAR_KINDS, InvalidParamError, SamplingParams
 from .tool_calls import ANY_OBJECT, ForcedToolCalls
@@ -39,6 +40,23 @@ def _batch(prompts: list, field: str) -> list:
     return prompts
 
 
+class _Resumable(_Schema):
+    # Output ids another engine generated, by choice index, to continue from (sglang_gw/resume.py).
+    resume: dict[str, list[int]] | None = Field(None, alias=RESUME_FIELD)
+
+    def resumed(self, samples: list[int]) -> list[dict[int, list[int]]]:
+        """Per prompt (with samples[i] samples each): sample index → the output ids it continues from.
+        Choices count prompt by prompt: prompt i's samples follow those of the prompts before it."""
+        owner = [(prompt, sample) for prompt, n in enumerate(samples) for sample in range(n)]
+        per_prompt: list[dict[int, list[int]]] = [{} for _ in samples]
+        for key, ids in (self.resume or {}).items():
+            if not key.isdigit() or int(key) >= len(owner):
+                raise bad_request(f"{RESUME_FIELD}: {key!r} is not a choice index below {len(owner)}", RESUME_FIELD)
+            prompt, sample = owner[int(key)]
+            per_prompt[prompt][sample] = ids
+        return per_prompt
+
+
 class StreamOptions(_Schema):
     include_usage: bool = False
 
@@ -61,7 +79,7 @@ class ResponseFormat(_Schema):
         return self
 
 
-class _SamplingFields(_Schema):
+class _SamplingFields(_Resumable):
     """Fields shared by /v1/completions and /v1/chat/completions (OpenAI's and SGLang's extras). A sampling
     field left out (or null) is unset: the engine fills it with the model's default (Engine.prepare)."""
 
@@ -213,7 +231,7 @@ class ChatCompletionRequest(_SamplingFields):
         return ForcedToolCalls(parameters, named, self.parallel_tool_calls)
 
 
-class GenerateRequest(_Schema):
+class GenerateRequest(_Resumable):
     """SGLang's native /generate. A list `text` (or list of lists `input_ids`) is a batch."""
 
     text: str | list[str] | None = None

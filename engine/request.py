@@ -60,6 +60,8 @@ class RequestOutput:
     input_top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
     e2e_latency: float = 0.0
     time_to_first_token: float | None = None
+    # A resumed sequence's first snapshot: the point it continues from, which its caller has shown already.
+    replayed: bool = False
 
 
 class Req:
@@ -75,6 +77,7 @@ class Req:
         logprobs: LogprobRequest = NO_LOGPROBS,
         sample_index: int = 0,
         grammar: Matcher | None = None,
+        resumed: list[int] | None = None,
     ):
         self.rid = rid
         self.sample_index = sample_index
@@ -84,13 +87,14 @@ class Req:
         self.logprobs = logprobs
         stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else set(eos_token_ids))
         self.stop_token_ids = frozenset(stop_ids)
-        self.generator = torch.Generator()
         seed = params.sampling_seed
-        self.generator.manual_seed(seed if seed is not None else int(torch.randint(0, 2**62, ()).item()))
+        self.seed = seed if seed is not None else int(torch.randint(0, 2**62, ()).item())
+        self.generator = torch.Generator()
         self.detok = IncrementalDetokenizer(tokenizer, params.skip_special_tokens, params.spaces_between_special_tokens)
         self.stop_matcher = StopStringMatcher(params.stop)
         self.stop_regex = StopRegexMatcher(params.stop_regex) if params.stop_regex else None
         self.grammar = grammar  # the output's grammar state: it follows output_ids through retraction
+        self.resumed = resumed  # output ids generated elsewhere, to continue from (None: a new sequence)
 
         self.output_ids: list[int] = []
         self.text = ""  # final text so far (stop-trimmed once finished)
@@ -132,6 +136,19 @@ class Req:
         remaining = self.params.max_new_tokens - len(self.output_ids)
         return int(min(max(remaining, 0), 4096) * new_token_ratio)
 
+    def draw(self) -> torch.Tensor:
+        """A uniform draw in [0, 1) for the next output position. It depends only on the seed and the
+        position, so a sequence resumed on another engine draws what it would have drawn here."""
+        self.generator.manual_seed(hash((self.seed, len(self.output_ids))) & (2**63 - 1))
+        return torch.rand((), generator=self.generator)
+
+    def replay(self) -> None:
+        """Append the resumed output ids as forced tokens: text, stop strings and grammar state follow."""
+        for token in self.resumed or ():
+            self.append_token(token, forced=True)
+            if self.finished:
+                return
+
     def append_token(self, token_id: int, forced: bool = False) -> None:
         """Record a token (sampled, or `forced` by the grammar) and decide whether the request has finished."""
         if self.first_token_time is None and not forced:
@@ -163,7 +180,7 @@ class Req:
             self.finish_reason = FinishReason("length", length=len(self.output_ids))
             self.text += self.detok.flush()
 
-    def snapshot(self) -> RequestOutput:
+    def snapshot(self, replayed: bool = False) -> RequestOutput:
         text = self.text
         if not self.finished:
             held = self.stop_matcher.held_back(text)
@@ -185,4 +202,5 @@ class Req:
             input_top_logprobs=list(self.input_top_logprobs),
             e2e_latency=now - self.created,
             time_to_first_token=None if self.first_token_time is None else self.first_token_time - self.created,
+            replayed=replayed,
         )

@@ -1,7 +1,8 @@
 """Turns a batch of logits into next tokens (and their logprobs), one row per request.
 
 Order per row, as in SGLang/vLLM: logit bias → penalties → min_new_tokens mask → grammar mask →
-(greedy: argmax) → temperature → top-k → top-p → min-p → draw with the request's own generator.
+(greedy: argmax) → temperature → top-k → top-p → min-p → draw with the request's own generator
+(seeded per output position: see Req.draw).
 Logprobs are those of the raw distribution, before any of these. Each request owns a
 seeded torch.Generator, so its samples do not depend on which other requests share the batch.
 """
@@ -104,7 +105,7 @@ def sample(logits: torch.Tensor, reqs: list[Req], masks: GrammarMasks | None = N
         probs = filter_probs(torch.softmax(logits[i] / p.temperature, dim=-1), p.top_k, p.top_p, p.min_p)
         cdf = probs.cumsum(0)
         # The request's generator lives on the CPU whatever the device, so a seed means the same draws.
-        u = torch.rand((), generator=req.generator).to(cdf.device) * cdf[-1]
+        u = req.draw().to(cdf.device) * cdf[-1]
         tokens[i] = min(int(torch.searchsorted(cdf, u, right=True)), probs.numel() - 1)
     if raw_logprobs is None:
         return SampleOutput(tokens, None, None)

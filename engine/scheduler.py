@@ -87,6 +87,12 @@ class Scheduler:
     # ---- requests in and out -------------------------------------------------------------------
 
     def add(self, req: Req) -> None:
+        if req.resumed is not None:  # continued from another engine: its output so far, then the snapshot
+            req.replay()             # of that point (shown already: the caller skips it unless finished)
+            if req.finished:
+                self._finish(req, replayed=True)
+                return
+            req.on_output(req.snapshot(replayed=True))
         if self._jumps_forward(req) and not req.output_ids:
             self._jump_forward(req)  # a forced opening (e.g. '{"name": "') is prefilled with the prompt
             if req.finished:  # the grammar was one fixed string
@@ -104,10 +110,10 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running or self.chunked or self._abort_rids)
 
-    def _finish(self, req: Req) -> None:
+    def _finish(self, req: Req, replayed: bool = False) -> None:
         self._release(req)
         self.stats.finished += 1
-        req.on_output(req.snapshot())
+        req.on_output(req.snapshot(replayed))
 
     def _release(self, req: Req) -> None:
         """Hand the request's computed KV to the radix cache and give back its row."""

@@ -27,6 +27,7 @@ from aiohttp import web
 from ..serving import listening, presented_key
 from ..errors import APIError, bad_request, error_middleware, read_json
 from ..limits import MAX_COUNT, MAX_SEQUENCES
+from ..resume import CHECKPOINT_INTERVAL, RESUMABLE_HEADER, USAGE, OutputIds
 from .engine import Engine, Prompt, ValidatedRequest
 from .metrics import EngineMetrics
 from .protocol import ChatCompletionRequest, CompletionRequest, GenerateRequest, parse, sampling_params
@@ -139,14 +140,16 @@ class EngineServer:
             raise APIError(404, f"model {model!r} is not served here; available: {self.served_model_name!r}",
                            param="model", code="model_not_found")
 
-    async def _prepare(self, items: list[tuple[Prompt, SamplingParams, LogprobRequest]], field: str,
-                       grammar_field: str | None = None) -> list[ValidatedRequest]:
+    async def _prepare(self, items: list[tuple[Prompt, SamplingParams, LogprobRequest, dict[int, list[int]]]],
+                       field: str, grammar_field: str | None = None) -> list[ValidatedRequest]:
         """Tokenize, validate and compile the grammars before any response byte is sent, so errors are 400s.
         In a thread: tokenizing a batch of long prompts or compiling a grammar must not stall the event
-        loop (health probes, other requests' streams)."""
+        loop (health probes, other requests' streams). Each item: prompt, params, logprobs, and the output
+        ids per sample that it continues from (sglang_gw/resume.py)."""
         def prepare_all() -> list[ValidatedRequest]:
-            return [self.engine.prepare(prompt, params, logprobs, prompt_field=field, grammar_field=grammar_field)
-                    for prompt, params, logprobs in items]
+            return [self.engine.prepare(prompt, params, logprobs, prompt_field=field, grammar_field=grammar_field,
+                                        resumed=resumed)
+                    for prompt, params, logprobs, resumed in items]
 
         try:
             return await asyncio.to_thread(prepare_all)
@@ -181,28 +184,84 @@ class EngineServer:
             await asyncio.gather(*tasks, return_exceptions=True)
 
     @staticmethod
-    async def _sse(request: web.Request, events: AsyncIterator[dict]) -> web.StreamResponse:
+    async def _event_stream(request: web.Request) -> web.StreamResponse:
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         await resp.prepare(request)
+        return resp
+
+    async def _sse(self, request: web.Request, events: AsyncIterator[tuple[dict, tuple[int, RequestOutput] | None]],
+                   resumable: bool) -> web.StreamResponse:
+        """Write (event, (choice index, output) or None for the usage chunk) pairs as SSE; when `resumable`,
+        each event is annotated with its choice's output ids (sglang_gw/resume.py)."""
+        ids = OutputIds() if resumable else None
+        resp = await self._event_stream(request)
         async with contextlib.aclosing(events):  # a failed write (client gone) aborts the requests now
-            async for event in events:
-                await resp.write(b"data: " + json.dumps(event, ensure_ascii=False).encode() + b"\n\n")
+            async for event, source in events:
+                head = b""
+                if ids is not None:
+                    head = USAGE if source is None else ids.line(source[0], source[1].output_ids, source[1].finished)
+                await resp.write(head + b"data: " + json.dumps(event, ensure_ascii=False).encode() + b"\n\n")
         await resp.write(b"data: [DONE]\n\n")
         await resp.write_eof()
         return resp
+
+    async def _finals(self, request: web.Request, jobs, choice_index, resumable: bool
+                      ) -> tuple[dict[int, tuple[int, RequestOutput]], web.StreamResponse | None]:
+        """A non-streamed request's final outputs, by choice index. When `resumable`, one that runs past
+        CHECKPOINT_INTERVAL answers as an event stream of checkpoints (the output ids so far), which
+        `_answer` ends with the JSON: another engine can continue it from there (sglang_gw/resume.py)."""
+        finals: dict[int, tuple[int, RequestOutput]] = {}
+        ids = OutputIds() if resumable else None
+        moved: dict[int, list[int]] = {}  # choices that moved since the last checkpoint
+        resp, due = None, time.monotonic() + CHECKPOINT_INTERVAL
+        async with contextlib.aclosing(self._run(jobs)) as outputs:
+            async for job, out in outputs:
+                index = choice_index(job, out)
+                if out.finished:
+                    finals[index] = (job, out)
+                if ids is None:
+                    continue
+                moved[index] = out.output_ids
+                if time.monotonic() >= due:
+                    resp = resp or await self._event_stream(request)
+                    await resp.write(b"".join(ids.line(i, output_ids) for i, output_ids in moved.items()) + b"\n")
+                    moved.clear()
+                    due = time.monotonic() + CHECKPOINT_INTERVAL
+        return finals, resp
+
+    @staticmethod
+    async def _answer(request: web.Request, body: object, checkpoints: web.StreamResponse | None
+                      ) -> web.StreamResponse:
+        """The JSON answer: as is, or as the one data event after `_finals`' checkpoints."""
+        if checkpoints is None:
+            return web.json_response(body)
+        await checkpoints.write(b"data: " + json.dumps(body).encode() + b"\n\n")
+        await checkpoints.write_eof()
+        return checkpoints
 
     # ---- native endpoints -------------------------------------------------------------------------
 
     async def health(self, request: web.Request) -> web.Response:
         """200 while serving, with the scheduler's heartbeat so that a prober can tell busy from hung (it
-        is read, not computed: as cheap under load as idle); 503 while loading, draining or broken."""
+        is read, not computed: as cheap under load as idle); 503 while loading, draining or broken. With
+        `?max_since_progress=S` also 503 ("stuck") when the scheduler has had work and finished no step
+        for S seconds: a liveness probe that cannot read JSON (Kubernetes) sees a hang, never load."""
         if self.engine is not None and self.engine.error is not None:
             return web.json_response({"status": "unhealthy", "reason": str(self.engine.error)}, status=503)
         if self.state != "ready":
             return web.json_response({"status": self.state}, status=503)
         beat = self.engine.heartbeat
-        return web.json_response({"status": "ok", "steps": beat.steps, "busy": beat.busy,
-                                  "since_progress_s": round(beat.since_progress(time.monotonic()), 3)})
+        since = beat.since_progress(time.monotonic())
+        body = {"status": "ok", "steps": beat.steps, "busy": beat.busy, "since_progress_s": round(since, 3)}
+        limit = request.query.get("max_since_progress")
+        if limit is not None:
+            try:
+                limit_s = float(limit)
+            except ValueError:
+                raise bad_request("max_since_progress must be a number of seconds", "max_since_progress") from None
+            if beat.busy and since > limit_s:
+                return web.json_response(dict(body, status="stuck"), status=503)
+        return web.json_response(body)
 
     async def health_generate(self, request: web.Request) -> web.Response:
         if self.state != "ready":
@@ -274,22 +333,39 @@ class EngineServer:
                                               req.per_item("logprob_start_len", count),
                                               req.per_item("top_logprobs_num", count))]
         with self._admitted(params, req.prompt_field):
-            prepared = await self._prepare(list(zip(prompts, params, logprobs)), req.prompt_field)
+            resumed = req.resumed([p.n for p in params])
+            prepared = await self._prepare(list(zip(prompts, params, logprobs, resumed)), req.prompt_field)
             jobs = list(zip(prepared, rids))
             with_text = req.return_text_in_logprobs
-            n_total = sum(job.params.n for job, _ in jobs)
-            as_list = req.is_batch or n_total > 1
+            offsets = [sum(p.n for p in params[:i]) for i in range(count)]  # each prompt's first choice index
+            as_list = req.is_batch or offsets[-1] + params[-1].n > 1
 
             def native(i: int, out: RequestOutput) -> dict:
                 return self._native(out, jobs[i][0].logprobs.return_logprob, with_text)
 
+            def choice_index(i: int, out: RequestOutput) -> int:
+                return offsets[i] + out.sample_index
+
+            async def events():
+                async for i, out in self._run(jobs):
+                    if out.replayed and not out.finished:
+                        continue  # a resumed sequence's starting point: its caller has it
+                    event = native(i, out)
+                    yield dict(event, index=i) if as_list else event, (choice_index(i, out), out)
+
+            resumable = self._resumable(request, any(lp.return_logprob for lp in logprobs))
             if req.stream:
-                async def events():
-                    async for i, out in self._run(jobs):
-                        yield dict(native(i, out), index=i) if as_list else native(i, out)
-                return await self._sse(request, events())
-            results = [native(i, out) async for i, out in self._run(jobs) if out.finished]
-            return web.json_response(results if as_list else results[0])
+                return await self._sse(request, events(), resumable)
+            finals, checkpoints = await self._finals(request, jobs, choice_index, resumable)
+            results = [native(i, out) for _, (i, out) in sorted(finals.items())]
+            return await self._answer(request, results if as_list else results[0], checkpoints)
+
+    @staticmethod
+    def _resumable(request: web.Request, whole_logprobs: bool) -> bool:
+        """Whether to tell the gateway the ids behind the answer (sglang_gw/resume.py): when it asks, and
+        unless the answer holds every token's logprob (non-streamed, or /generate's cumulative events),
+        which a continuation could not give for the tokens it did not generate."""
+        return RESUMABLE_HEADER in request.headers and not whole_logprobs
 
     def _native(self, out: RequestOutput, return_logprob: bool, with_text: bool) -> dict:
         meta = {
@@ -360,8 +436,9 @@ class EngineServer:
         """Both OpenAI endpoints: one job per prompt; choice index = prompt index * n + sample index."""
         base = req.rid or uuid.uuid4().hex
         logprobs = LogprobRequest(return_logprob=top is not None, top_logprobs_num=top or 0)
-        prepared = await self._prepare([(p, params, logprobs) for p in prompts], "messages" if chat else "prompt",
-                                        grammar_field)
+        resumed = req.resumed([params.n] * len(prompts))
+        prepared = await self._prepare([(p, params, logprobs, r) for p, r in zip(prompts, resumed)],
+                                       "messages" if chat else "prompt", grammar_field)
         jobs = [(job, f"{base}-{i}") for i, job in enumerate(prepared)]
         object_id = ("chatcmpl-" if chat else "cmpl-") + base
         created = int(time.time())
@@ -369,14 +446,13 @@ class EngineServer:
         def choice_index(job: int, out: RequestOutput) -> int:
             return job * params.n + out.sample_index
 
-        if req.stream:
+        if req.stream:  # a delta's logprobs are its new tokens': a continuation gives them
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             return await self._sse(request, self._openai_stream(jobs, chat, object_id, created, choice_index,
-                                                                logprobs.return_logprob, include_usage, tools))
-        finals: dict[int, tuple[int, RequestOutput]] = {}
-        async for job, out in self._run(jobs):
-            if out.finished:
-                finals[choice_index(job, out)] = (job, out)
+                                                                logprobs.return_logprob, include_usage, tools),
+                                   self._resumable(request, whole_logprobs=False))
+        finals, checkpoints = await self._finals(request, jobs, choice_index,
+                                                 self._resumable(request, logprobs.return_logprob))
         choices = []
         for index in sorted(finals):
             job, out = finals[index]
@@ -392,16 +468,17 @@ class EngineServer:
                 choice["text"] = out.text
                 choice["logprobs"] = self._completion_logprobs(out, 0) if top is not None else None
             choices.append(choice)
-        return web.json_response({
+        return await self._answer(request, {
             "id": object_id, "object": "chat.completion" if chat else "text_completion", "created": created,
             "model": self.served_model_name, "choices": choices, "usage": _usage(list(finals.values())),
-        })
+        }, checkpoints)
 
     async def _openai_stream(self, jobs, chat: bool, object_id: str, created: int, choice_index,
                              with_logprobs: bool, include_usage: bool,
-                             tools: ForcedToolCalls | None) -> AsyncIterator[dict]:
-        """Chunks as the outputs grow. Forced tool calls: a named function's arguments stream as they are
-        generated; "required" calls are sent whole once the output is complete (when they parse)."""
+                             tools: ForcedToolCalls | None) -> AsyncIterator[tuple[dict, tuple | None]]:
+        """Chunks as the outputs grow (with their (choice index, output), for `_sse`). Forced tool calls: a
+        named function's arguments stream as they are generated; "required" calls are sent whole once the
+        output is complete (when they parse). A resumed choice continues from its replayed text."""
         shown_text: dict[int, int] = {}  # per choice: characters and tokens already sent
         shown_tokens: dict[int, int] = {}
         shown_offset: dict[int, int] = {}  # completions logprobs: text_offset continues across chunks
@@ -410,6 +487,11 @@ class EngineServer:
                  "created": created, "model": self.served_model_name}
         async for job, out in self._run(jobs):
             index = choice_index(job, out)
+            if out.replayed:  # the client has this from the engine this continues: start after it
+                shown_text[index] = shown_offset[index] = len(out.text)
+                shown_tokens[index] = 0
+                if not out.finished:
+                    continue
             first = index not in shown_text
             delta_text = out.text[shown_text.get(index, 0):]
             if tools is not None and tools.named is None and not out.finished:
@@ -447,9 +529,9 @@ class EngineServer:
             shown_text[index], shown_tokens[index] = len(out.text), len(out.output_token_logprobs)
             if out.finished:
                 finals.append((job, out))
-            yield dict(chunk, choices=[choice], usage=None)
+            yield dict(chunk, choices=[choice], usage=None), (index, out)
         if include_usage:
-            yield dict(chunk, choices=[], usage=_usage(finals))
+            yield dict(chunk, choices=[], usage=_usage(finals)), None
 
     def _chat_logprobs(self, out: RequestOutput, start: int) -> dict:
         def entry(token_id: int, logprob: float) -> dict:

@@ -2,9 +2,11 @@
 
 parse just enough (model, the routing text) → choose a routable worker (policy) → one attempt under a
 lease of that worker's load (taken and released exactly once) → forward the original bytes
-(keep-alive pool) → a JSON answer is read whole, then sent; an event stream is relayed as it arrives
-(SSE passthrough, backpressure through `write`). Retries go to another worker, and only before the
-first byte reaches the client. Worker health is `health.WorkerHealth`: the gateway reports events to it.
+(keep-alive pool) → a JSON answer is read whole, then sent; an event stream is relayed as it arrives,
+whole events at a time (backpressure through `write`). An attempt that fails before the client has a
+byte is retried on another worker; one that fails once generation has begun is continued on another
+worker from the tokens the client has (gateway/failover.py). Worker health is `health.WorkerHealth`:
+the gateway reports events to it.
 
 SGLang's control endpoints (`/get_model_info`, `/get_server_info`, `/flush_cache`, `/abort_request`)
 are not proxied but answered for the fleet: asked of one worker, or fanned out to all of them and
@@ -32,11 +34,14 @@ from pydantic import ValidationError
 
 from ..serving import listening, presented_key
 from ..errors import APIError, bad_request, error_middleware, read_json
+from ..limits import INLINE_BODY_BYTES
+from ..resume import RESUMABLE_HEADER
 from ..validation import describe
 
 from .auth import Authenticator, hash_key
 from .config import GatewayConfig, WorkerConfig
 from .discovery import DnsDiscovery
+from .failover import Progress
 from .health import State, WorkerHealth
 from .metrics import GatewayMetrics
 from .routing_text import RoutingText
@@ -347,30 +352,56 @@ class Gateway:
 
     async def _route(self, request: web.Request, request_id: str, body: dict, model: str | None, raw: bytes,
                      started: float) -> web.StreamResponse:
-        """Attempts until a worker answers: each on a worker not tried yet while there is one."""
-        pool = self._candidates(model)
-        route = RouteRequest(self.routing_text(request.path, body))
+        """Attempts until a worker answers, each on a worker not tried yet while there is one. Until the
+        client has a byte, a failed attempt is retried from the start (max_retries). Once a worker has
+        said what it generated (a stream begun, a long answer's checkpoints), the next attempt continues
+        from there instead (max_failovers; gateway/failover.py); a stream that nobody can continue ends
+        with an error event."""
+        self._require_candidates(model)
+        # Rendering a long conversation with the chat template takes a while: a large one in a thread.
+        text = (self.routing_text(request.path, body) if len(raw) <= INLINE_BODY_BYTES
+                else await asyncio.to_thread(self.routing_text, request.path, body))
+        route = RouteRequest(text)
+        progress = Progress(body)
         tried: set[str] = set()
-        for attempt in range(self.config.max_retries + 1):
-            if attempt:
-                await asyncio.sleep(self.config.retry_backoff * 2 ** (attempt - 1) * random.uniform(0.5, 1.5))
-            decision = await self._choose(pool, tried, route)
-            if decision is None:
-                break
+        retries = failovers = 0
+        kind = ""  # a repeated attempt's route: "retry" or "failover"
+        while (decision := await self._choose(model, tried, route)) is not None:
             async with self._lease(decision.worker):
-                outcome = await self._attempt(request, request_id, raw, decision, attempt)
+                outcome = await self._attempt(request, request_id, raw, decision, kind, progress,
+                                              last=retries == self.config.max_retries)
                 self._record(request, request_id, outcome, started)
                 if outcome.stream is not None:
-                    return await self._relay(request, outcome)
-                if outcome.response is not None:
+                    if (broken := await self._relay(request, outcome, progress)) is None:
+                        return progress.client
+                    log.info("gateway.stream_failed", request_id=request_id, worker=decision.worker.name, why=broken,
+                             choices=len(progress.ids), tokens=sum(map(len, progress.ids.values())))
+                elif outcome.response is not None:
                     return outcome.response
             tried.add(decision.worker.name)
+            if progress.continuable:
+                if failovers == self.config.max_failovers:
+                    break
+                failovers, kind, raw = failovers + 1, "failover", progress.resume_body()
+            elif progress.client is not None or retries == self.config.max_retries:
+                break
+            else:
+                retries, kind = retries + 1, "retry"
+                await asyncio.sleep(self.config.retry_backoff * 2 ** (retries - 1) * random.uniform(0.5, 1.5))
+        if progress.client is not None:  # a stream begun that no worker could continue
+            error = {"error": {"message": f"the worker failed mid-response and no worker could continue it "
+                                          f"({failovers} failovers)", "type": "upstream_error", "param": None,
+                               "code": "upstream_failed"}}
+            await progress.client.write(b"data: " + json.dumps(error).encode() + b"\n\n")
+            await progress.client.write_eof()
+            return progress.client
         raise APIError(502, "no worker could take the request", code="upstream_unavailable",
                        headers={"x-should-retry": "false"})
 
-    async def _choose(self, pool: list[GatewayWorker], tried: set[str], route: RouteRequest) -> Decision | None:
-        """The policy's pick among the routable workers below their cap, untried ones first; None: none left."""
-        routable = [w for w in pool if w.routable]
+    async def _choose(self, model: str | None, tried: set[str], route: RouteRequest) -> Decision | None:
+        """The policy's pick among the routable workers of the model below their cap, untried ones first
+        (workers added since the request came are candidates too); None: none left."""
+        routable = self._serving(model)
         untried = [w for w in routable if w.name not in tried] or routable
         if not untried:
             return None
@@ -392,14 +423,18 @@ class Gateway:
             async with self._capacity:
                 self._capacity.notify()
 
-    async def _attempt(self, request: web.Request, request_id: str, raw: bytes, decision: Decision,
-                       attempt: int) -> Outcome:
+    async def _attempt(self, request: web.Request, request_id: str, raw: bytes, decision: Decision, kind: str,
+                       progress: Progress, last: bool) -> Outcome:
         """Forward the request to the chosen worker. A JSON answer is read whole before anything is sent,
-        so a worker failing mid-answer is a failed attempt; an event stream is left to `_relay`."""
-        worker, route = decision.worker, "retry" if attempt else decision.reason
+        so a worker failing mid-answer is a failed attempt; an event stream is left to `_relay`. A
+        continuation (kind "failover") succeeds only with a 200; a first try or retry passes the worker's
+        answer on, but for 502/503 while other attempts remain (`last` False)."""
+        worker, route = decision.worker, kind or decision.reason
+        headers = {"Content-Type": "application/json", "x-request-id": request_id}
+        if self.config.max_failovers:
+            headers[RESUMABLE_HEADER] = "1"
         try:
-            upstream = await self.session.post(worker.url + request.path, data=raw,
-                                               headers={"Content-Type": "application/json", "x-request-id": request_id},
+            upstream = await self.session.post(worker.url + request.path, data=raw, headers=headers,
                                                timeout=aiohttp.ClientTimeout(total=self.config.request_timeout))
         except (aiohttp.ClientConnectionError, asyncio.TimeoutError) as exc:
             why = f"connect: {type(exc).__name__}"
@@ -407,45 +442,62 @@ class Gateway:
             return Outcome(decision, route, failure=why)
         answered_at = time.perf_counter()
         worker.health.response(upstream.status)
-        if upstream.status in RETRY_STATUSES and attempt < self.config.max_retries:
+        if upstream.status != 200 and (kind == "failover" or upstream.status in RETRY_STATUSES and not last):
             upstream.release()
             return Outcome(decision, route, upstream.status, failure=f"status {upstream.status}")
         headers = _answer_headers(upstream, decision, route, request_id)
-        if headers["Content-Type"].startswith("text/event-stream"):
+        events = headers["Content-Type"].startswith("text/event-stream")
+        if events and progress.stream:
             return Outcome(decision, route, upstream.status, response=web.StreamResponse(status=upstream.status,
                                                                                           headers=headers),
                            stream=upstream, answered_at=answered_at)
         try:
-            body = await upstream.read()
+            body = await _answer_body(upstream, progress) if events else await upstream.read()
         except UPSTREAM_ERRORS as exc:
             why = f"answer: {type(exc).__name__}"
             worker.health.stream_failed(why)
             return Outcome(decision, route, upstream.status, failure=why)
         finally:
             upstream.close()
+        if events:  # checkpoints, then the JSON: the client gets the JSON
+            headers["Content-Type"] = "application/json; charset=utf-8"
         worker.health.progress()
         return Outcome(decision, route, upstream.status,
                        response=web.Response(status=upstream.status, body=body, headers=headers),
                        answered_at=answered_at,
                        cached_tokens=reported_cached_tokens(body) if upstream.status == 200 else 0)
 
-    async def _relay(self, request: web.Request, outcome: Outcome) -> web.StreamResponse:
-        """Pass an event stream through as it arrives; a worker failing mid-stream ends it with an error event."""
-        resp, upstream, worker = outcome.response, outcome.stream, outcome.decision.worker
+    async def _relay(self, request: web.Request, outcome: Outcome, progress: Progress) -> str | None:
+        """Pass an event stream through as it arrives, whole events at a time; the client's stream begins
+        with the first (its headers are the first answering worker's). None when it ended; why, when the
+        worker failed mid-stream: the client's stream stays open for another worker to continue."""
+        upstream, worker = outcome.stream, outcome.decision.worker
         try:
-            await resp.prepare(request)
-            async for chunk in upstream.content.iter_any():
+            while True:
+                try:
+                    chunk = await upstream.content.readany()
+                except UPSTREAM_ERRORS as exc:
+                    why = f"stream: {type(exc).__name__}"
+                    worker.health.stream_failed(why)
+                    if not progress.done:
+                        return why
+                    break  # failed after its last event: the client has everything
+                events = progress.feed(chunk) if chunk else progress.flush()
+                if events:
+                    if progress.client is None:
+                        progress.client = outcome.response
+                        await progress.client.prepare(request)
+                    await progress.client.write(events)  # a client gone raises here: not the worker's failure
+                if not chunk:
+                    break
                 worker.health.progress()
-                await resp.write(chunk)
-        except UPSTREAM_ERRORS as exc:
-            worker.health.stream_failed(f"stream: {type(exc).__name__}")
-            error = {"error": {"message": f"upstream {worker.name} failed mid-response", "type": "upstream_error",
-                               "param": None, "code": "upstream_failed"}}
-            await resp.write(b"data: " + json.dumps(error).encode() + b"\n\n")
         finally:
             upstream.close()  # on a client disconnect this drops the engine connection: it aborts the request
-        await resp.write_eof()
-        return resp
+        if progress.client is None:  # an empty stream
+            progress.client = outcome.response
+            await progress.client.prepare(request)
+        await progress.client.write_eof()
+        return None
 
     def _record(self, request: web.Request, request_id: str, outcome: Outcome, started: float) -> None:
         """Every attempt's metrics and log line, from its outcome (a stream's once its first byte is in)."""
@@ -454,6 +506,8 @@ class Gateway:
         m.predicted_prefix.inc(outcome.decision.matched_bytes)
         if outcome.route == "retry":
             m.retries.inc()
+        elif outcome.route == "failover":
+            m.failovers.inc()
         fields = dict(request_id=request_id, path=request.path, worker=worker.name, route=outcome.route,
                       matched_bytes=outcome.decision.matched_bytes, status=outcome.status,
                       seconds=round(time.perf_counter() - started, 4))
@@ -486,17 +540,18 @@ class Gateway:
             self.queued -= 1
         return [w for w in candidates if w.inflight < limit]
 
-    def _candidates(self, model: str | None) -> list[GatewayWorker]:
-        ready = [w for w in self.workers if w.routable]
+    def _require_candidates(self, model: str | None) -> None:
+        """404 when no worker serves the model, 503 when none of those is ready."""
         if model is not None:
             served = {m for w in self.workers for m in w.models}
             if model not in served:
                 raise APIError(404, f"model {model!r} is not served here; available: {sorted(served)}",
                                param="model", code="model_not_found")
-            ready = [w for w in ready if model in w.models]
-        if not ready:
+        if not self._serving(model):
             raise no_ready_worker()
-        return ready
+
+    def _serving(self, model: str | None) -> list[GatewayWorker]:
+        return [w for w in self.workers if w.routable and (model is None or model in w.models)]
 
     # ---- the gateway's own endpoints --------------------------------------------------------------
 
@@ -682,6 +737,17 @@ def fanned_out(action: str, replies: dict[str, Reply]) -> web.Response:
                        code="worker_refused" if refused else "upstream_unavailable")
     return web.json_response({"success": True, "message": f"{action} done on {len(replies)} workers",
                               "workers": {name: r.detail() for name, r in replies.items()}})
+
+
+async def _answer_body(upstream: aiohttp.ClientResponse, progress: Progress) -> bytes:
+    """A non-streamed answer that came as checkpoints and then the JSON (sglang_gw/resume.py): the JSON."""
+    data = b""
+    while chunk := await upstream.content.readany():
+        data += progress.feed(chunk)
+    data += progress.flush()
+    if not data.startswith(b"data: "):
+        raise aiohttp.ClientPayloadError("the answer ended before its JSON")
+    return data[len(b"data: "):].rstrip(b"\n")
 
 
 def no_ready_worker() -> APIError:

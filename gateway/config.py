@@ -128,6 +128,9 @@ class GatewaySettings(Strict):
     health: HealthConfig = HealthConfig()
     request_timeout: float = Field(600.0, gt=0)
     max_retries: int = Field(2, ge=0)  # other workers tried before the first response byte
+    # Once generation has begun and its worker fails, other workers that continue it from the tokens the
+    # client has (streams, and non-streamed answers past their first checkpoint); 0: off (gateway/failover.py).
+    max_failovers: int = Field(2, ge=0)
     retry_backoff: float = Field(0.05, ge=0)  # seconds, doubled per retry, with jitter
     max_request_bytes: int = Field(16 << 20, ge=1)
     # Per-worker concurrency cap (None: no cap). With every candidate at the cap, requests wait in a

@@ -6,9 +6,11 @@ exit/restart/admit, a drain); this class owns every transition and logs it from 
 machine (`_set_state`, `_set_breaker`).
 
 Busy is not hung (issue 12): a probe that times out says only that the worker's event loop is slow
-or gone, so it never makes a worker hung. Hung takes evidence of no progress: the engine's own
-heartbeat (work, but no finished step for hang_timeout), its process stopped (SIGSTOP), or answers
-that say it cannot serve.
+or gone, so by itself it never makes a worker hung. Hung takes evidence of no progress: the engine's
+own heartbeat (work, but no finished step for hang_timeout), its process stopped (SIGSTOP), answers
+that say it cannot serve, or silence: probes timing out and nothing at all heard from it (no probe
+answered, no byte relayed) for hang_timeout, as from an event loop that is deadlocked. A loaded
+engine answers late, or streams meanwhile: it is never silent that long.
 
 State (is the process there and answering?):
 
@@ -19,6 +21,7 @@ State (is the process there and answering?):
     any but dead ──a probe: the scheduler has work and no step for hang_timeout──▶ unhealthy, hung
     any but dead ──process stopped──▶ unhealthy; still stopped failure_threshold looks in a row: hung
     any but dead ──failure_threshold probes timed out and no byte from it meanwhile──▶ unhealthy (not hung)
+    any but dead ──probes timed out and nothing heard from it for hang_timeout──▶ unhealthy, hung
     any but dead ──connect error, broken stream, stall──▶ unhealthy (not hung)
     any ──exited──▶ dead ──restarted──▶ starting  (nothing else leaves dead: probes never re-admit it)
 
@@ -67,7 +70,8 @@ class WorkerHealth:
     # - routable ⇔ ready ∧ ¬draining ∧ (breaker closed ∨ (half_open ∧ no trial in flight));
     # - only restarted() leaves dead; only drain() changes `draining`;
     # - hung ⇒ state is unhealthy or dead: on_hung fires once per hang, and `hung` clears only on ready or restarted();
-    # - a timed-out probe, a stall or a connect error never makes a worker hung;
+    # - a stall or a connect error never makes a worker hung, nor does a timed-out probe while anything
+    #   (a probe's answer, a relayed byte) was heard from the worker within hang_timeout;
     # - the breaker reaches half_open only from open after the cooldown, and then lets one trial through.
 
     def __init__(self, name: str, settings: HealthConfig, on_hung: Callable[[str, str], None] | None = None,
@@ -87,7 +91,7 @@ class WorkerHealth:
         self.hung = False  # on_hung fired for this hang
         self.stalled = False  # the stall watchdog's last look found a stall: probes may not re-admit
         self.last_progress = clock()  # the last byte relayed or request routed (the stall watchdog's clock)
-        self.last_heard = clock()  # the last byte relayed from the worker
+        self.last_heard = clock()  # the last byte relayed from the worker, or probe answered
         self.request_failures = 0  # connect errors, 5xx answers and broken streams in a row
         self._breaker = Breaker.CLOSED
         self._open_until = 0.0
@@ -113,6 +117,7 @@ class WorkerHealth:
     def probe_ok(self, since_progress: float = 0.0) -> None:
         """/health answered 200; `since_progress`: how long the engine's scheduler has had work without
         finishing a step, from its heartbeat (0 from a worker that reports none)."""
+        self.last_heard = self._clock()
         if since_progress > self.settings.hang_timeout:
             self._hang(f"scheduler busy with no step for {since_progress:.1f}s")
             return
@@ -145,7 +150,10 @@ class WorkerHealth:
         # Heard since the first of the last failure_threshold unanswered probes was sent?
         heard = self.last_heard >= self.timed_out_sent[0]
         log.info("gateway.probe_timed_out", worker=self.name, in_a_row=self.probe_timeouts, heard=heard)
-        if self.probe_timeouts >= self.settings.failure_threshold and not heard:
+        silent = self._clock() - self.last_heard
+        if self.probe_timeouts >= self.settings.failure_threshold and silent > self.settings.hang_timeout:
+            self._hang(f"{self.probe_timeouts} probes timed out and nothing heard for {silent:.1f}s")
+        elif self.probe_timeouts >= self.settings.failure_threshold and not heard:
             self._take_out(f"{self.probe_timeouts} probes timed out, no byte meanwhile")
 
     def process_checked(self, stopped: bool) -> None:
@@ -161,6 +169,7 @@ class WorkerHealth:
         """The supervisor saw the engine answer /health and so did our probe: ready at once."""
         self.probe_failures = self.probe_timeouts = 0
         self.probe_successes += 1
+        self.last_heard = self._clock()
         if self.state is not State.DEAD:
             self._ready("supervisor")
 

@@ -21,6 +21,8 @@ class GatewayMetrics:
         self.inflight = Gauge("sglang_gw_inflight_requests", "requests in flight per worker", ["worker"], registry=r)
         self.decisions = Counter("sglang_gw_routing_decisions", "routing decisions by reason", ["reason"], registry=r)
         self.retries = Counter("sglang_gw_retries", "requests re-sent to another worker", registry=r)
+        self.failovers = Counter("sglang_gw_failovers", "generations continued on another worker after theirs "
+                                 "failed mid-answer", registry=r)
         self.predicted_prefix = Counter("sglang_gw_predicted_prefix_bytes",
                                         "prefix bytes the policy expected the chosen worker to have cached",
                                         registry=r)

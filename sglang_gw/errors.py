@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 from typing import Callable
@@ -10,7 +11,7 @@ import numpy as np
 import structlog
 from aiohttp import web
 
-from .limits import MAX_JSON_DEPTH
+from .limits import INLINE_BODY_BYTES, MAX_JSON_DEPTH
 
 log = structlog.get_logger(__name__)
 
@@ -75,8 +76,13 @@ def error_middleware(max_request_bytes: int, unexpected_status: Callable[[], int
 
 async def read_json(request: web.Request) -> object:
     """The request body as JSON; malformed, nested too deep or not encodable → 400 (too large → 413 through
-    the middleware)."""
+    the middleware). A large body is parsed in a worker thread (INLINE_BODY_BYTES)."""
     raw = await request.read()
+    return parse_json(raw) if len(raw) <= INLINE_BODY_BYTES else await asyncio.to_thread(parse_json, raw)
+
+
+def parse_json(raw: bytes) -> object:
+    """`read_json`'s parse: its errors are 400s."""
     _check_nesting(raw)  # before json.loads, whose recursion a deeply nested body would exhaust
     try:
         body = json.loads(raw)

@@ -8,6 +8,9 @@ to (sequences, per-token work, output size) and how deep a parser has to go.
 from __future__ import annotations
 
 MAX_JSON_DEPTH = 64  # nested arrays / objects in a request body
+# A body larger than this is parsed (and a gateway's routing text rendered) in a worker thread, not on
+# the event loop: a 16 MB body takes ~0.1 s, which every other request's stream would wait for.
+INLINE_BODY_BYTES = 64 << 10
 MAX_N = 128  # samples per prompt (OpenAI's cap)
 MAX_BATCH = 256  # prompts in one request: a list `text` / `input_ids` / `prompt`
 # Sequences one request expands to, prompts × n; an engine also refuses more than its own capacity

@@ -125,8 +125,12 @@ def test_engine_statefulset():
     volumes = {v["name"] for v in spec["template"]["spec"]["volumes"]}
     assert {m["name"] for m in c["volumeMounts"]} <= volumes
 
-    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+    for probe in ("startupProbe", "readinessProbe"):
         assert _probe_target(c, probe) == ("/health", args.port), probe
+    # Liveness sees a hang, never load (issue 12): the heartbeat's limit, and a minute of silence.
+    assert _probe_target(c, "livenessProbe") == ("/health?max_since_progress=60", args.port)
+    liveness = c["livenessProbe"]
+    assert liveness["periodSeconds"] * liveness["failureThreshold"] >= 60 and liveness["timeoutSeconds"] >= 10
     startup = c["startupProbe"]
     loading_budget = startup.get("initialDelaySeconds", 0) + startup.get("periodSeconds", 10) * startup.get(
         "failureThreshold", 3)

@@ -14,8 +14,10 @@ from aiohttp import web
 from sglang_gw.gateway.app import Gateway
 from sglang_gw.gateway.auth import hash_key
 from sglang_gw.gateway.config import parse_config
+from sglang_gw.resume import RESUMABLE_HEADER, RESUME_FIELD, annotation
 
 MODEL = "fake"
+RECEIVED = web.AppKey("received", list)  # a fake engine's request bodies
 ADMIN_KEY = "sk-gw-admin-for-tests"
 
 
@@ -24,9 +26,12 @@ def fake_engine(mode: str) -> web.Application:
     SSE events; midjson: drops it halfway through a JSON answer; stall: stops sending after two events,
     connection open; hang: never answers /health; slowhealth: answers /health after 1.5 s (past the
     probe timeout) and everything else at once; stuck: its /health heartbeat says the scheduler has had
-    work and no finished step for 999 s; slow: answers after 0.5 s; other: serves the model "other-model".
-    A "-suffix" only names another worker of the same kind."""
+    work and no finished step for 999 s; slow: answers after 0.5 s; other: serves the model "other-model";
+    resumable: streams token ids 1, 2, 3, ... annotated as our engine does when the gateway asks
+    (sglang_gw/resume.py), continuing after the ids of a resumed request, and dies after two events.
+    A "-suffix" only names another worker of the same kind. Every request body is kept in `received`."""
     mode = mode.split("-")[0]
+    received: list[dict] = []
 
     async def health(request):
         if mode == "hang":
@@ -43,6 +48,9 @@ def fake_engine(mode: str) -> web.Application:
 
     async def completions(request):
         body = await request.json()
+        received.append(body)
+        if mode == "resumable":
+            return await resumable(request, body)
         if mode in ("error503", "error500"):
             status = int(mode[-3:])
             return web.json_response({"error": {"message": mode, "type": "x", "param": None, "code": None}},
@@ -70,7 +78,23 @@ def fake_engine(mode: str) -> web.Application:
         await resp.write(b"data: [DONE]\n\n")
         return resp
 
+    async def resumable(request, body):
+        annotate = RESUMABLE_HEADER in request.headers
+        had = body.get(RESUME_FIELD, {}).get("0", [])
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        ids = list(had)
+        for _ in range(2):
+            ids.append(len(ids) + 1)
+            event = {"id": f"cmpl-{len(received)}", "created": len(received),
+                     "choices": [{"index": 0, "text": f"<{ids[-1]}>"}]}
+            head = annotation(0, len(ids) - 1, ids[-1:], False) if annotate else b""
+            await resp.write(head + b"data: " + json.dumps(event).encode() + b"\n\n")
+        request.transport.close()  # dies mid-stream
+        return resp
+
     app = web.Application()
+    app[RECEIVED] = received
     app.router.add_get("/health", health)
     app.router.add_get("/v1/models", models)
     app.router.add_post("/v1/completions", completions)
@@ -86,7 +110,8 @@ class Fleet:
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
         self.runners = []
-        urls = [self.call(self._serve(fake_engine(mode))) for mode in modes]
+        self.apps = {mode: fake_engine(mode) for mode in modes}
+        urls = [self.call(self._serve(app)) for app in self.apps.values()]
         cfg = parse_config({"port": 0, "workers": [{"url": u, "name": m} for u, m in zip(urls, modes)],
                             "health": {"interval": 0.2, "timeout": 1.0, "failure_threshold": 2, "stall_timeout": 1.0},
                             "retry_backoff": 0.0, "policy": {"name": "round_robin"}, **config})
@@ -161,6 +186,32 @@ def test_engine_dying_mid_stream_ends_the_stream_with_an_error_event(fleet):
     assert broken, bodies
     assert all(b.count(b"data: ") == 3 and b"[DONE]" not in b for b in broken)  # 2 events, then the error
     fleet.assert_load_settles()
+
+
+def test_stream_continues_on_another_worker_until_the_failovers_run_out():
+    """Issue 12: a worker that dies mid-stream is replaced by another that continues from the token ids the
+    client has; the client sees one stream (the first worker's id) until max_failovers is spent, then an
+    error event. With max_failovers 0 the gateway does not ask for the ids and nothing is continued."""
+    fleet = Fleet(["resumable", "resumable-2"], max_failovers=1)
+    try:
+        status, headers, body = asyncio.run(_post(fleet.url, {"model": MODEL, "prompt": "x", "stream": True}))
+        bodies = [b for app in fleet.apps.values() for b in app[RECEIVED]]
+    finally:
+        fleet.close()
+    events = [json.loads(line[6:]) for line in body.split(b"\n\n") if line.startswith(b"data: ")]
+    assert status == 200 and b": gw" not in body  # the annotations are the gateway's, never the client's
+    assert [e["choices"][0]["text"] for e in events[:-1]] == ["<1>", "<2>", "<3>", "<4>"]
+    assert len({(e["id"], e["created"]) for e in events[:-1]}) == 1
+    assert events[-1]["error"]["code"] == "upstream_failed" and "1 failovers" in events[-1]["error"]["message"]
+    assert bodies[0].get(RESUME_FIELD) is None and bodies[1][RESUME_FIELD] == {"0": [1, 2]}
+
+    fleet = Fleet(["resumable", "resumable-2"], max_failovers=0)
+    try:
+        status, headers, body = asyncio.run(_post(fleet.url, {"model": MODEL, "prompt": "x", "stream": True}))
+        bodies = [b for app in fleet.apps.values() for b in app[RECEIVED]]
+    finally:
+        fleet.close()
+    assert len(bodies) == 1 and body.count(b"data: ") == 3 and b"upstream_failed" in body
 
 
 @pytest.mark.parametrize("fleet", [["midjson", "ok"]], indirect=True)

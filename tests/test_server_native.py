@@ -322,6 +322,12 @@ BAD_INPUTS = [
     case("empty-batch", {"text": []}, param="text"),
     case("batch-sp-length", {"text": ["a", "b", "c"], "sampling_params": [SP, SP]}, param="sampling_params"),
     case("batch-rid-length", {"text": ["a", "b"], "rid": ["x"]}, param="rid"),
+    case("resume-not-a-choice", {"text": "a", "resume_output_ids": {"1": [5]}}, param="resume_output_ids"),
+    case("resume-not-ids", {"text": "a", "resume_output_ids": {"0": "x"}}, param="resume_output_ids"),
+    case("resume-out-of-vocab", {"text": "a", "resume_output_ids": {"0": [999999]}}, param="resume_output_ids",
+         code="invalid_value"),
+    case("resume-past-max", {"text": "a", "sampling_params": SP, "resume_output_ids": {"0": [5, 6, 7]}},
+         param="resume_output_ids", code="invalid_value"),
     case("chat-no-messages", {"model": "tiny", "messages": []}, param="messages", path="/v1/chat/completions"),
     case("chat-bad-role", {"model": "tiny", "messages": [{"role": "wizard", "content": "hi"}]},
          param="messages.0.role", path="/v1/chat/completions"),
@@ -418,6 +424,10 @@ def test_info_and_health_endpoints(tiny_server):
     # The scheduler's heartbeat: steps done (the warm-up's at least); idle, so no time without progress.
     assert status == 200 and health.pop("steps") >= 1
     assert health == {"status": "ok", "busy": False, "since_progress_s": 0.0}
+    # For probes that read only the status (Kubernetes): 503 "stuck" only when busy past the limit.
+    assert http("GET", url + "/health?max_since_progress=0")[0] == 200  # idle is never stuck
+    status, _, body = http("GET", url + "/health?max_since_progress=soon")
+    assert_error(status, body, 400, "max_since_progress")
     assert http("GET", url + "/health_generate")[::2] == (200, {"status": "ok"})
     status, _, model = http("GET", url + "/get_model_info")
     assert status == 200 and model["is_generation"] is True and model["model_path"]
@@ -426,6 +436,22 @@ def test_info_and_health_endpoints(tiny_server):
     assert info["max_total_num_tokens"] == 20000
     assert (info["num_running_reqs"], info["num_queue_reqs"]) == (0, 0)
     assert 0 <= info["token_usage"] <= 1 and 0 <= info["cache_hit_rate"] <= 1
+
+
+def test_health_with_a_progress_limit_says_stuck_when_busy_past_it(tiny_server):
+    """A scheduler with work that has gone longer than the limit without a finished step answers 503
+    "stuck". A limit below zero makes any busy moment "stuck": the mechanism, without a real hang."""
+    body = {"text": "busy", "sampling_params": {"max_new_tokens": 400, "ignore_eos": True}, "stream": True}
+
+    async def while_busy():
+        async with aiohttp.ClientSession() as session:
+            async with session.post(tiny_server.url + "/generate", json=body) as resp:
+                await resp.content.readline()  # generating now
+                async with session.get(tiny_server.url + "/health?max_since_progress=-1") as stuck:
+                    return stuck.status, await stuck.json()
+
+    status, health = asyncio.run(while_busy())
+    assert status == 503 and health["status"] == "stuck" and health["busy"] is True
 
 
 def test_flush_cache_idle_and_busy(tiny_server):

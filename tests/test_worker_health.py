@@ -1,6 +1,6 @@
 """A worker's health on its own: the state machine and the circuit breaker, event by event, on a fake clock.
-Busy is not hung (issue 12): timed-out probes and stalls take a worker out at most; a stuck heartbeat or
-a stopped process makes it hung."""
+Busy is not hung (issue 12): timed-out probes and stalls take a worker out at most; a stuck heartbeat, a
+stopped process, or silence (probes timing out and nothing heard for hang_timeout) makes it hung."""
 
 from __future__ import annotations
 
@@ -124,7 +124,7 @@ TRANSITIONS = [
     # timed-out probes: slow, not hung; out only when nothing was heard from the worker meanwhile
     ("admit timeout timeout", "ready", "closed", True, 0),  # heard from (admitted) after the first unanswered probe was sent
     (f"admit {QUIET} timeout timeout", "unhealthy", "closed", False, 0),
-    (f"admit {QUIET} timeout timeout timeout timeout", "unhealthy", "closed", False, 0),  # never hung
+    (f"admit {QUIET} timeout timeout timeout timeout", "unhealthy", "closed", False, 0),  # heard 8 s ago: not hung
     (f"admit {QUIET} timeout progress timeout", "ready", "closed", True, 0),  # a loaded engine relays bytes
     (f"admit {QUIET} timeout 200 timeout", "ready", "closed", True, 0),
     (f"admit {QUIET} timeout ok timeout", "ready", "closed", True, 0),  # in a row
@@ -132,6 +132,13 @@ TRANSITIONS = [
     (f"admit {QUIET} timeout timeout ok", "unhealthy", "closed", False, 0),
     (f"admit {QUIET} timeout timeout ok ok", "ready", "closed", True, 0),
     (f"admit {QUIET} timeout timeout ok:21", "unhealthy", "closed", False, 1),
+    # silence: probes time out and nothing at all was heard for hang_timeout (a deadlocked event loop)
+    ("admit wait:21 timeout timeout", "unhealthy", "closed", False, 1),
+    ("admit wait:21 timeout", "ready", "closed", True, 0),  # one unanswered probe is no silence
+    ("admit wait:19 timeout timeout", "unhealthy", "closed", False, 0),
+    ("admit wait:15 progress wait:6 timeout timeout", "unhealthy", "closed", False, 0),  # a stream byte 6 s ago
+    ("admit wait:15 ok wait:6 timeout timeout", "unhealthy", "closed", False, 0),  # a probe answered 6 s ago
+    ("admit wait:21 timeout timeout timeout", "unhealthy", "closed", False, 1),  # once per hang
     # the engine's heartbeat: work but no finished step for hang_timeout is hung, once per hang
     ("admit ok:20", "ready", "closed", True, 0),
     ("admit ok:21", "unhealthy", "closed", False, 1),

@@ -1,0 +1,102 @@
+"""What a client has been given of one generation, so that another engine can continue it when its
+engine dies (the wire format is sglang_gw/resume.py).
+
+The gateway passes an engine's answer through whole events at a time, never a part of one: what the
+client has is always a sequence of complete events, and each choice's output ids behind them (read
+from the annotations, which are stripped) are exactly what a continuation must start from. After a
+failover the new engine's events are made to look like the first engine's: its ids and `created`
+replaced by those the client saw, and the events of choices the client already saw finish dropped.
+"""
+
+from __future__ import annotations
+
+import json
+
+from ..resume import PREFIX, RESUME_FIELD, read_annotation
+
+
+class Progress:
+    def __init__(self, body: dict):
+        self.body = body
+        self.stream = body.get("stream") is True
+        self.ids: dict[int, list[int]] = {}  # choice index → output ids behind what the client has
+        self.finished: set[int] = set()  # choices whose last event the client has
+        self.usage_sent = False
+        self.done = False  # the client has the stream's last event ([DONE]): nothing is left to continue
+        self.annotated = False  # the engine writes annotations: a continuation can start where it stopped
+        self.client = None  # the client's event stream (web.StreamResponse), once begun
+        self._pending = b""  # the start of an event not complete yet
+        self._first_data: dict[int | None, bytes] = {}  # each choice's first data event as the client got it
+        self._dropped: frozenset[int] = frozenset()  # set at a failover: choices the client has whole
+        self._identity: dict | None = None  # set at a failover: the ids the client saw, to put in new events
+
+    @property
+    def continuable(self) -> bool:
+        """Whether an engine said what it had generated, so that another can continue from there."""
+        return self.annotated
+
+    def feed(self, chunk: bytes) -> bytes:
+        """The complete events that `chunk` ends, as the client must get them (annotations read and
+        stripped); the start of an incomplete one waits for the next chunk."""
+        *events, self._pending = (self._pending + chunk).split(b"\n\n")
+        out = []
+        for event in events:
+            choice, keep = None, True
+            while event.startswith(PREFIX):
+                line, _, event = event.partition(b"\n")
+                note = read_annotation(line)
+                self.annotated = True
+                if note.choice is None:
+                    keep, self.usage_sent = not self.usage_sent, True
+                    continue
+                choice = note.choice
+                if choice in self._dropped:
+                    keep = False
+                    continue
+                ids = self.ids.setdefault(choice, [])
+                del ids[note.start:]
+                ids.extend(note.ids)
+                if note.final:
+                    self.finished.add(choice)
+            if not (keep and event):
+                continue
+            self.done = self.done or event == b"data: [DONE]"
+            if self._identity is not None and event.startswith(b"data: {"):
+                event = self._as_first_engine(event, choice)
+            self._first_data.setdefault(choice, event)
+            out.append(event + b"\n\n")
+        return b"".join(out)
+
+    def flush(self) -> bytes:
+        """At the end of the answer: an event its worker did not end with a blank line, as it is."""
+        rest, self._pending = self._pending, b""
+        return self.feed(rest + b"\n\n") if rest.strip() else b""
+
+    def resume_body(self) -> bytes:
+        """The request again, continuing from what the client has: the next engine's request body."""
+        if self.stream and self._identity is None:
+            self._identity = self._identity_seen()
+        self._dropped = frozenset(self.finished)
+        self._pending = b""
+        return json.dumps(dict(self.body, **{RESUME_FIELD: {str(c): ids for c, ids in self.ids.items()}})).encode()
+
+    def _identity_seen(self) -> dict:
+        """The ids the client saw: the OpenAI object's id and created; /generate's id per choice."""
+        identity: dict = {"rids": {}}
+        for choice, data in self._first_data.items():
+            if not data.startswith(b"data: {"):
+                continue
+            event = json.loads(data[len(b"data: "):])
+            if "meta_info" in event:
+                identity["rids"][choice] = event["meta_info"].get("id")
+            elif "id" in event:
+                identity.update(id=event["id"], created=event.get("created"))
+        return identity
+
+    def _as_first_engine(self, event: bytes, choice: int | None) -> bytes:
+        data = json.loads(event[len(b"data: "):])
+        if isinstance(data.get("meta_info"), dict) and choice in self._identity["rids"]:
+            data["meta_info"]["id"] = self._identity["rids"][choice]
+        elif "id" in self._identity:
+            data.update(id=self._identity["id"], created=self._identity["created"])
+        return b"data: " + json.dumps(data, ensure_ascii=False).encode()
