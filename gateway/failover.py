@@ -16,6 +16,8 @@ from ..resume import PREFIX, RESUME_FIELD, read_annotation
 
 
 class Progress:
+    """One request's: its body, what its client has been sent, and the client's stream once begun."""
+
     def __init__(self, body: dict):
         self.body = body
         self.stream = body.get("stream") is True
@@ -23,7 +25,7 @@ class Progress:
         self.finished: set[int] = set()  # choices whose last event the client has
         self.usage_sent = False
         self.done = False  # the client has the stream's last event ([DONE]): nothing is left to continue
-        self.annotated = False  # the engine writes annotations: a continuation can start where it stopped
+        self._annotated = False  # an engine wrote annotations: a continuation can start where it stopped
         self.client = None  # the client's event stream (web.StreamResponse), once begun
         self._pending = b""  # the start of an event not complete yet
         self._first_data: dict[int | None, bytes] = {}  # each choice's first data event as the client got it
@@ -33,7 +35,7 @@ class Progress:
     @property
     def continuable(self) -> bool:
         """Whether an engine said what it had generated, so that another can continue from there."""
-        return self.annotated
+        return self._annotated
 
     def feed(self, chunk: bytes) -> bytes:
         """The complete events that `chunk` ends, as the client must get them (annotations read and
@@ -43,9 +45,12 @@ class Progress:
         for event in events:
             choice, keep = None, True
             while event.startswith(PREFIX):
-                line, _, event = event.partition(b"\n")
-                note = read_annotation(line)
-                self.annotated = True
+                line, _, rest = event.partition(b"\n")
+                try:
+                    note = read_annotation(line)
+                except (ValueError, IndexError):  # some other comment: the client's, as it is
+                    break
+                event, self._annotated = rest, True
                 if note.choice is None:
                     keep, self.usage_sent = not self.usage_sent, True
                     continue

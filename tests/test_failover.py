@@ -110,6 +110,20 @@ async def _run(client: openai.AsyncOpenAI, base: str, run: Run) -> Run:
     return run
 
 
+def test_relay_gives_whole_events_whatever_the_chunks():
+    """The relay's framing: chunks cut anywhere give the same events, annotations read and stripped, other
+    SSE comments passed on, an unterminated last event flushed as it is."""
+    stream = (b': gw 0 0 5 6\ndata: {"a": 1}\n\n: keep-alive\n\n: gw 1. 0 7\ndata: {"b": 2}\n\n'
+              b': gw usage\ndata: {"u": 3}\n\n: gw 0. 2 8\ndata: {"c": 4}')
+    whole = Progress({"stream": True})
+    want = whole.feed(stream) + whole.flush()
+    assert want == b'data: {"a": 1}\n\n: keep-alive\n\ndata: {"b": 2}\n\ndata: {"u": 3}\n\ndata: {"c": 4}\n\n'
+    assert whole.ids == {0: [5, 6, 8], 1: [7]} and whole.finished == {0, 1} and whole.continuable
+    bytewise = Progress({"stream": True})
+    assert b"".join(bytewise.feed(stream[i:i + 1]) for i in range(len(stream))) + bytewise.flush() == want
+    assert (bytewise.ids, bytewise.finished) == (whole.ids, whole.finished)
+
+
 async def _events(url: str, path: str, body: dict, cut_after: int | None = None) -> list[dict]:
     """The events a client gets through the gateway's relay (gateway/failover.py), from one engine: the
     whole stream, or `cut_after` events of it and then the rest continued by a second request."""

@@ -192,12 +192,16 @@ def test_stream_continues_on_another_worker_until_the_failovers_run_out():
     """Issue 12: a worker that dies mid-stream is replaced by another that continues from the token ids the
     client has; the client sees one stream (the first worker's id) until max_failovers is spent, then an
     error event. With max_failovers 0 the gateway does not ask for the ids and nothing is continued."""
-    fleet = Fleet(["resumable", "resumable-2"], max_failovers=1)
-    try:
-        status, headers, body = asyncio.run(_post(fleet.url, {"model": MODEL, "prompt": "x", "stream": True}))
-        bodies = [b for app in fleet.apps.values() for b in app[RECEIVED]]
-    finally:
-        fleet.close()
+    def one_stream(max_failovers: int) -> tuple[int, bytes, list[dict]]:
+        """A stream through two workers that die after two events: its status, body, and what they were sent."""
+        fleet = Fleet(["resumable", "resumable-2"], max_failovers=max_failovers)
+        try:
+            status, _, body = asyncio.run(_post(fleet.url, {"model": MODEL, "prompt": "x", "stream": True}))
+            return status, body, [b for app in fleet.apps.values() for b in app[RECEIVED]]
+        finally:
+            fleet.close()
+
+    status, body, bodies = one_stream(max_failovers=1)
     events = [json.loads(line[6:]) for line in body.split(b"\n\n") if line.startswith(b"data: ")]
     assert status == 200 and b": gw" not in body  # the annotations are the gateway's, never the client's
     assert [e["choices"][0]["text"] for e in events[:-1]] == ["<1>", "<2>", "<3>", "<4>"]
@@ -205,12 +209,7 @@ def test_stream_continues_on_another_worker_until_the_failovers_run_out():
     assert events[-1]["error"]["code"] == "upstream_failed" and "1 failovers" in events[-1]["error"]["message"]
     assert bodies[0].get(RESUME_FIELD) is None and bodies[1][RESUME_FIELD] == {"0": [1, 2]}
 
-    fleet = Fleet(["resumable", "resumable-2"], max_failovers=0)
-    try:
-        status, headers, body = asyncio.run(_post(fleet.url, {"model": MODEL, "prompt": "x", "stream": True}))
-        bodies = [b for app in fleet.apps.values() for b in app[RECEIVED]]
-    finally:
-        fleet.close()
+    status, body, bodies = one_stream(max_failovers=0)
     assert len(bodies) == 1 and body.count(b"data: ") == 3 and b"upstream_failed" in body
 
 
