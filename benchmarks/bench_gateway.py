@@ -1,4 +1,5 @@
-"""Gateway cost (issue #4): sglang-gw's gateway vs nginx (least_conn, proxy_buffering off), same run.
+"""Gateway cost (issues #4, #13): sglang-gw's gateway vs nginx (least_conn, proxy_buffering off) and, given
+its interpreter, SGLang's Rust router (`sglang-router` from PyPI, cache_aware), same run.
 
 Four fake engines (this script, --fake mode) answer at once; each proxy runs pinned to one core
 (taskset), the fakes and the load generator on the other. Per proxy: CPU seconds per non-streamed
@@ -6,7 +7,9 @@ request, CPU seconds per relayed SSE event (64-event streams), p50/p99 latency a
 engine directly, and time to first SSE event when the engines take 20 ms per token.
 
     apt-get install nginx-light   # once
-    python benchmarks/bench_gateway.py [--requests 2000] [--concurrency 64]
+    python -m venv /tmp/rv && /tmp/rv/bin/pip install sglang-router setproctitle uvicorn fastapi orjson  # once
+    python benchmarks/bench_gateway.py [--requests 2000] [--concurrency 64] [--policy prefix_affinity]
+                                       [--router-python /tmp/rv/bin/python]
 """
 
 from __future__ import annotations
@@ -95,9 +98,9 @@ def start_fakes(n: int, token_delay: float, core: int) -> tuple[list[subprocess.
     return procs, urls
 
 
-def start_gateway(urls: list[str], core: int, workdir: Path) -> tuple[subprocess.Popen, str, list[int]]:
+def start_gateway(urls: list[str], core: int, workdir: Path, policy: str) -> tuple[subprocess.Popen, str, list[int]]:
     port = free_port()
-    config = {"port": port, "workers": [{"url": u} for u in urls], "policy": {"name": "least_conn"},
+    config = {"port": port, "workers": [{"url": u} for u in urls], "policy": {"name": policy},
               "health": {"interval": 5.0}}
     path = workdir / "gateway.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -107,6 +110,18 @@ def start_gateway(urls: list[str], core: int, workdir: Path) -> tuple[subprocess
     url = f"http://127.0.0.1:{port}"
     wait_http(url + "/ready")
     return proc, url, [proc.pid]
+
+
+def start_router(urls: list[str], core: int, workdir: Path, python: str) -> tuple[subprocess.Popen, str, list[int]]:
+    """SGLang's router (Rust, from the sglang-router wheel), cache_aware, as its users run it."""
+    port = free_port()
+    proc = subprocess.Popen(["taskset", "-c", str(core), python, "-m", "sglang_router.launch_router", "--worker-urls",
+                             *urls, "--policy", "cache_aware", "--host", "127.0.0.1", "--port", str(port),
+                             "--log-level", "warn"],
+                            stdout=subprocess.DEVNULL, stderr=open(workdir / "router.log", "w"))
+    url = f"http://127.0.0.1:{port}"
+    wait_http(url + "/health")
+    return proc, url, [proc.pid, *children(proc.pid)]
 
 
 def start_nginx(urls: list[str], core: int, workdir: Path) -> tuple[subprocess.Popen, str, list[int]]:
@@ -184,6 +199,8 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=2000)
     ap.add_argument("--stream-requests", type=int, default=400)
     ap.add_argument("--concurrency", type=int, default=64)
+    ap.add_argument("--policy", default="least_conn", help="sglang-gw's routing policy")
+    ap.add_argument("--router-python", help="an interpreter with sglang-router installed: adds SGLang's router")
     args = ap.parse_args()
     if args.fake:
         return run_fake(args.fake, args.token_delay)
@@ -193,7 +210,9 @@ def main() -> None:
     proxy_core, other_core = 1, 0
     os.sched_setaffinity(0, {other_core})  # the load generator (and the fakes it starts) stay off the proxy's core
     workdir = Path(tempfile.mkdtemp())
-    proxies = (("sglang-gw", start_gateway), ("nginx", start_nginx))
+    proxies = [("sglang-gw", lambda *a: start_gateway(*a, args.policy)), ("nginx", start_nginx)]
+    if args.router_python:
+        proxies.append(("sgl-router", lambda *a: start_router(*a, args.router_python)))
 
     @contextlib.contextmanager
     def running(start, urls):
@@ -236,7 +255,8 @@ def main() -> None:
     d50, d99 = pct([lat for lat, _ in direct])
     t50, t99 = pct([first for _, first in direct_ttfe])
     print(f"\n{args.requests} non-streamed + {args.stream_requests} streamed (64 events) requests, "
-          f"{args.concurrency} concurrent clients, 4 zero-delay fake engines, proxy pinned to one core")
+          f"{args.concurrency} concurrent clients, 4 zero-delay fake engines, proxy pinned to one core; "
+          f"sglang-gw policy {args.policy}")
     print(f"direct to the engines: latency p50 {d50:.2f} ms p99 {d99:.2f} ms; "
           f"time to first event (20 ms/token) p50 {t50:.1f} ms p99 {t99:.1f} ms")
     for name, r in rows.items():
@@ -245,9 +265,11 @@ def main() -> None:
         print(f"{name:10s} CPU {r['cpu_per_request_us']:.0f} us/request, {r['cpu_per_event_us']:.1f} us/SSE event; "
               f"latency p50 {l50:.2f} ms p99 {l99:.2f} ms (added vs direct: {l50 - d50:+.2f} / {l99 - d99:+.2f}); "
               f"first event p50 {f50:.1f} ms p99 {f99:.1f} ms")
-    g, n = rows["sglang-gw"], rows["nginx"]
-    print(f"ratio sglang-gw / nginx: CPU per request {g['cpu_per_request_us'] / n['cpu_per_request_us']:.2f}x, "
-          f"CPU per SSE event {g['cpu_per_event_us'] / n['cpu_per_event_us']:.2f}x")
+    g = rows["sglang-gw"]
+    for peer in [name for name in rows if name != "sglang-gw"]:
+        p = rows[peer]
+        print(f"ratio sglang-gw / {peer}: CPU per request {g['cpu_per_request_us'] / p['cpu_per_request_us']:.2f}x, "
+              f"CPU per SSE event {g['cpu_per_event_us'] / p['cpu_per_event_us']:.2f}x")
 
 
 if __name__ == "__main__":

@@ -105,7 +105,7 @@ def main() -> None:
     gateway_core, other_core = 1, 0
     os.sched_setaffinity(0, {other_core})
     fakes, urls = start_fakes(4, args.token_delay, other_core)
-    gateway, url, _ = start_gateway(urls, gateway_core, Path(tempfile.mkdtemp()))
+    gateway, url, _ = start_gateway(urls, gateway_core, Path(tempfile.mkdtemp()), "least_conn")
     try:
         result = asyncio.run(soak(url, gateway.pid, args.clients, args.tokens, args.minutes * 60, args.every))
     finally:

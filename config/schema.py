@@ -1,31 +1,56 @@
 """The `sglang-gw serve` config: one YAML file, validated at start (unknown keys are errors).
 
 Errors name the field path and the reason ("engines.0.gpus: ..."), through the same `validate` as the
-gateway's own config. An engine group is the engine's own `ServerConfig` (declared once, in
-`sglang_gw.engine.settings`, with its ranges and cross-field rules) plus where its engines run, so
-check-config refuses exactly what an engine would refuse at start.
+gateway's own config. An engine group is either our engine — its own `ServerConfig` (declared once, in
+`sglang_gw.engine.settings`, with its ranges and cross-field rules), so check-config refuses exactly
+what an engine would refuse at start — or a command: a server the user already runs (SGLang, vLLM),
+as an argv template. Both carry where their engines run (`Placement`).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import shlex
+import shutil
+import string
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import ConfigDict, Discriminator, Field, Tag, field_validator, model_validator
 
 from ..engine.settings import PER_PROCESS, EngineArgs, ServerConfig, add_flags, flag, given_flags
 from ..gateway.config import GatewayConfig, GatewaySettings, WorkerConfig, merge_keys_file
 from ..validation import ConfigError, Strict, read_yaml, validate
 
 
-class EngineGroupConfig(ServerConfig):
-    """`count` engines of one model (CPU), or one engine per listed GPU (CUDA), with the engine settings."""
+class Placement(Strict):
+    """Where a group's engines run: how many, pinned to which GPUs, on which ports."""
 
-    count: int | None = Field(None, ge=1)  # default: 1 on CPU, one per GPU in `gpus` on CUDA
+    count: int | None = Field(None, ge=1)  # default: one per GPU in `gpus`, else 1
     gpus: list[int | str] | Literal["all"] | None = None  # CUDA_VISIBLE_DEVICES value per engine
     base_port: int = Field(30000, ge=1, le=65535)  # engine i listens on base_port + i
+    # Seconds from spawn to a 200 from the engine's health path, else killed and restarted.
+    startup_timeout: float | None = Field(None, gt=0)  # default: supervisor.startup_timeout
+
+    def gpu(self, i: int) -> str | None:
+        """The GPU engine `i` of this group is pinned to (its CUDA_VISIBLE_DEVICES), or None."""
+        if self.gpus is None:
+            return None
+        return str((visible_gpus() if self.gpus == "all" else self.gpus)[i])
+
+    def _check_gpus(self) -> None:
+        if self.gpus == "all" and not visible_gpus():
+            raise ValueError("gpus: 'all' but this host shows no GPU (nvidia-smi, CUDA_VISIBLE_DEVICES)")
+        if isinstance(self.gpus, list) and (not self.gpus or len(set(map(str, self.gpus))) != len(self.gpus)):
+            raise ValueError("gpus: must be a non-empty list without repeats")
+        if isinstance(self.gpus, list) and self.count is not None and self.count != len(self.gpus):
+            raise ValueError(f"count: {self.count} does not match the {len(self.gpus)} gpus listed")
+
+
+class EngineGroupConfig(Placement, ServerConfig):
+    """`count` engines of one model (CPU), or one engine per listed GPU (CUDA), with the engine settings."""
+
     # More `sglang-gw engine` flags, e.g. ["--max-queued-requests", "256"]: folded into the fields above.
     extra_args: list[str] = []
 
@@ -70,13 +95,17 @@ class EngineGroupConfig(ServerConfig):
             raise ValueError("gpus: only for device: cuda")
         if self.device == "cuda" and self.gpus is None and self.count is None:
             raise ValueError("gpus: give the GPUs (a list, or 'all') or a count for device: cuda")
-        if self.gpus == "all" and not visible_gpus():
-            raise ValueError("gpus: 'all' but this host shows no GPU (nvidia-smi, CUDA_VISIBLE_DEVICES)")
-        if isinstance(self.gpus, list) and (not self.gpus or len(set(map(str, self.gpus))) != len(self.gpus)):
-            raise ValueError("gpus: must be a non-empty list without repeats")
-        if isinstance(self.gpus, list) and self.count is not None and self.count != len(self.gpus):
-            raise ValueError(f"count: {self.count} does not match the {len(self.gpus)} gpus listed")
+        self._check_gpus()
         return self
+
+    def gpu(self, i: int) -> str | None:
+        # A CUDA group given as a count takes GPUs 0..count-1.
+        return str(i) if self.gpus is None and self.device == "cuda" else super().gpu(i)
+
+    @property
+    def served_model(self) -> str | None:
+        """The model id clients send, where the config knows it."""
+        return self.served_model_name or self.model
 
     def engine_args(self, port: int, num_threads: int) -> EngineArgs:
         """One engine's full settings: this group's, plus what the supervisor sets per process."""
@@ -87,6 +116,108 @@ class EngineGroupConfig(ServerConfig):
 class _RaisingParser(argparse.ArgumentParser):
     def error(self, message: str):
         raise ValueError(f"extra_args: {message}")
+
+
+COMMAND_PLACEHOLDERS = ("port", "gpu")  # what a command template may name, filled in per engine
+HEALTH_PATH = "/health"  # our engine's readiness path; SGLang's and vLLM's too
+
+
+class CommandGroupConfig(Placement):
+    """`count` copies of a server the user already runs (SGLang, vLLM, ...), or one per listed GPU: its
+    command line is a template whose {port} and {gpu} the supervisor fills in for each engine (Python's
+    str.format rules: {{ and }} are literal braces). Engines are reached on 127.0.0.1:{port}."""
+
+    model_config = ConfigDict(**Strict.model_config, coerce_numbers_to_str=True)  # [--tp, 2]: "2" in the argv
+    command: list[str]  # argv, run without a shell; a string is split as a shell would
+    health_path: str = HEALTH_PATH  # answers 200 once the server is ready (the supervisor waits for it)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_engine_settings(cls, raw):
+        """Our engine's settings would be ignored by another server: refuse them by name."""
+        if isinstance(raw, dict):
+            if "model" in raw:
+                raise ValueError("model: a group runs either our engine (model) or a command, not both")
+            for name in raw:
+                if name in EngineGroupConfig.model_fields and name not in cls.model_fields:
+                    raise ValueError(f"{name}: a setting of our engine (groups with model); a command group "
+                                     f"gives its server's own flags in command")
+        return raw
+
+    @field_validator("command", mode="before")
+    @classmethod
+    def _split(cls, command):
+        if isinstance(command, str):
+            try:
+                command = shlex.split(command)
+            except ValueError as exc:
+                raise ValueError(f"cannot split it as a shell would: {exc}") from None
+        if isinstance(command, list):
+            for arg in command:
+                if isinstance(arg, dict) and len(arg) == 1 and next(iter(arg)) in COMMAND_PLACEHOLDERS:
+                    name = next(iter(arg))
+                    raise ValueError(f"quote '{{{name}}}': YAML reads an unquoted {{{name}}} as a mapping")
+        return command
+
+    @field_validator("command")
+    @classmethod
+    def _template(cls, command: list[str]) -> list[str]:
+        if not command or not command[0]:
+            raise ValueError("empty: give the server's command line, e.g. [vllm, serve, MODEL, --port, '{port}']")
+        if "port" not in set().union(*map(placeholders, command)):
+            raise ValueError("no {port} placeholder: each engine must listen on the port the supervisor gives it")
+        if shutil.which(command[0]) is None:
+            raise ValueError(f"{command[0]!r} is not an executable on this host's PATH")
+        return command
+
+    @field_validator("health_path")
+    @classmethod
+    def _path(cls, path: str) -> str:
+        if not path.startswith("/"):
+            raise ValueError("must start with /")
+        return path
+
+    @model_validator(mode="after")
+    def _placement(self):
+        self._check_gpus()
+        if self.gpus is None and any("gpu" in placeholders(arg) for arg in self.command):
+            raise ValueError("command: {gpu} names the engine's GPU, but this group pins none (give gpus)")
+        return self
+
+    @property
+    def served_model(self) -> str | None:
+        return None  # the server's own flags name it; the gateway reads it from /v1/models
+
+    def argv(self, port: int, gpu: str | None) -> list[str]:
+        """One engine's command line: the template with its port and GPU filled in."""
+        return [arg.format(port=port, gpu=gpu) for arg in self.command]
+
+
+def placeholders(arg: str) -> set[str]:
+    """The placeholders one command argument names; ValueError for any that `argv` could not fill."""
+    try:
+        fields = [(name, spec, conversion) for _, name, spec, conversion in string.Formatter().parse(arg)
+                  if name is not None]
+    except ValueError as exc:  # "Single '}' encountered in format string", "expected '}' before end of string"
+        raise ValueError(f"{arg!r}: unbalanced braces ({exc}); write {{{{ and }}}} for literal ones") from None
+    for name, spec, conversion in fields:
+        if name not in COMMAND_PLACEHOLDERS or spec or conversion:
+            text = name + (f"!{conversion}" if conversion else "") + (f":{spec}" if spec else "")
+            known = ", ".join(f"{{{p}}}" for p in COMMAND_PLACEHOLDERS)
+            raise ValueError(f"{arg!r}: unknown placeholder {{{text}}}; the placeholders are {known} (write {{{{ "
+                             f"and }}}} for literal braces)")
+    return {name for name, _, _ in fields}
+
+
+def _group_kind(raw) -> str:
+    is_command = isinstance(raw, CommandGroupConfig) or (isinstance(raw, dict) and "command" in raw)
+    return "command group" if is_command else "model group"
+
+
+# A group with `command` is a command group, any other our engine's. The tags are no identifiers, so
+# error paths leave them out ("engines.0.count", as for a plain list).
+EngineGroup = Annotated[Annotated[EngineGroupConfig, Tag("model group")]
+                        | Annotated[CommandGroupConfig, Tag("command group")], Discriminator(_group_kind)]
 
 
 class SupervisorConfig(Strict):
@@ -108,7 +239,7 @@ class LoggingConfig(Strict):
 
 class ServeConfig(Strict):
     gateway: GatewaySettings = GatewaySettings()
-    engines: list[EngineGroupConfig] = []
+    engines: list[EngineGroup] = []
     remote_workers: list[WorkerConfig] = []  # engines on other hosts: probed, never restarted by us
     supervisor: SupervisorConfig = SupervisorConfig()
     logging: LoggingConfig = LoggingConfig()
@@ -137,7 +268,7 @@ class ServeConfig(Strict):
         return GatewayConfig(**dict(self.gateway), workers=[*local_workers, *self.remote_workers])
 
 
-def group_size(group: EngineGroupConfig) -> int:
+def group_size(group: Placement) -> int:
     if group.count is not None:
         return group.count
     if isinstance(group.gpus, list):

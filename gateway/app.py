@@ -29,6 +29,7 @@ from typing import Callable
 import aiohttp
 import structlog
 from aiohttp import web
+from multidict import CIMultiDict
 
 from pydantic import ValidationError
 
@@ -41,10 +42,12 @@ from ..validation import describe
 from .auth import Authenticator, hash_key
 from .config import GatewayConfig, WorkerConfig
 from .discovery import DnsDiscovery
-from .failover import Progress
+from .failover import NotContinued, Progress
 from .health import State, WorkerHealth
 from .metrics import GatewayMetrics
 from .routing_text import RoutingText
+from .sessions import Sessions
+from .cache_prediction import CacheLedger, Usage, answer_usage, is_batch, stream_usage
 from .policies import Decision, RouteRequest, Worker, create_policy
 
 log = structlog.get_logger(__name__)
@@ -60,8 +63,9 @@ SUMMED_LOAD = ("num_running_reqs", "num_queue_reqs", "num_used_tokens", "max_tot
 class GatewayWorker(Worker):
     """A worker as the gateway tracks it: its health, where it came from, and the models it serves."""
 
-    def __init__(self, name: str, url: str, origin: str, health: WorkerHealth):
+    def __init__(self, name: str, url: str, origin: str, health: WorkerHealth, health_path: str = "/health"):
         super().__init__(name, url)
+        self.health_path = health_path  # what the probes ask (a command engine's server may name it otherwise)
         self.origin = origin  # "config" (listed), "engine" (supervised), "admin" (added at run time), "dns"
         self.models: set[str] = set()
         self.health = health
@@ -82,7 +86,7 @@ class Outcome:
     stream: aiohttp.ClientResponse | None = None  # an event stream still to relay into `response`
     failure: str = ""  # why the attempt failed (with no response)
     answered_at: float = 0.0  # perf_counter() when the worker's answer began
-    cached_tokens: int = 0  # prompt tokens the engine reported served from its cache (JSON answers)
+    usage: Usage | None = None  # what the engine reported of the prompt (JSON answers; a stream's as it ends)
 
 
 @dataclass(frozen=True)
@@ -116,10 +120,12 @@ class Gateway:
         self.config = config
         # Workers named in `supervised` are the supervisor's engines: a reload or the admin API leaves them be.
         self.workers = [self._new_worker(w.name or w.url, w.url, "engine" if (w.name or w.url) in supervised
-                                         else "config") for w in config.workers]
+                                         else "config", w.health_path) for w in config.workers]
         self.policy = create_policy(config.policy.name, seed, **config.policy.options())
         self.auth = Authenticator(config.auth.keys)
         self.metrics = GatewayMetrics()
+        self.sessions = Sessions(config.session, on_moved=lambda why: self.metrics.session_moves.labels(why).inc())
+        self.cache_ledger = CacheLedger(config.cache_prediction)
         self.routing_text = RoutingText()
         self.queued = 0
         self.admitting = True  # False once shutdown begins: new requests get 503
@@ -162,7 +168,11 @@ class Gateway:
 
     async def _start(self, app) -> None:
         connector = aiohttp.TCPConnector(limit=0, force_close=False)
-        self.session = aiohttp.ClientSession(connector=connector, auto_decompress=False)
+        # Engines are asked for identity encoding (the relay reads events); one that compresses anyway
+        # is decoded here, so the client never gets encoded bytes without their Content-Encoding.
+        # No cookies between engines and clients: the jar would only cost time on every answer.
+        self.session = aiohttp.ClientSession(connector=connector, auto_decompress=True,
+                                             cookie_jar=aiohttp.DummyCookieJar())
         await asyncio.gather(*(self._probe(w) for w in self.workers))
         self._prober = asyncio.create_task(self._probe_forever())
         self._set_discovery(self.config)
@@ -198,8 +208,8 @@ class Gateway:
         if self.on_hung is not None:
             self.on_hung(name, why)
 
-    def _new_worker(self, name: str, url: str, origin: str) -> GatewayWorker:
-        return GatewayWorker(name, url, origin, WorkerHealth(name, self.config.health, on_hung=self._hung))
+    def _new_worker(self, name: str, url: str, origin: str, health_path: str = "/health") -> GatewayWorker:
+        return GatewayWorker(name, url, origin, WorkerHealth(name, self.config.health, on_hung=self._hung), health_path)
 
     # ---- supervisor hooks ---------------------------------------------------------------------------
 
@@ -228,10 +238,10 @@ class Gateway:
         worker.health.drain(draining)
         return worker
 
-    def add_worker(self, name: str, url: str, origin: str) -> GatewayWorker:
+    def add_worker(self, name: str, url: str, origin: str, health_path: str = "/health") -> GatewayWorker:
         if any(w.name == name for w in self.workers):
             raise APIError(409, f"a worker named {name!r} exists", param="name", code="worker_exists")
-        worker = self._new_worker(name, url, origin)
+        worker = self._new_worker(name, url, origin, health_path)
         self.workers.append(worker)
         log.info("gateway.worker_added", worker=name, url=url, origin=origin)
         return worker
@@ -251,19 +261,20 @@ class Gateway:
         self.auth.update(config.auth.keys)
         for w in self.workers:
             w.health.settings = config.health
+        self.sessions.settings, self.cache_ledger.settings = config.session, config.cache_prediction
         if config.policy != old.policy:
             options = config.policy.options()
             if config.policy.name != old.policy.name or not self.policy.retune(**options):
                 self.policy = create_policy(config.policy.name, None, **options)
                 log.info("gateway.policy_replaced", policy=config.policy.name)
-        listed = {w.name or w.url: w.url for w in config.workers}
+        listed = {w.name or w.url: w for w in config.workers}
         for w in [w for w in self.workers if w.origin == "config"]:
-            if listed.get(w.name) != w.url:
+            if w.name not in listed or (listed[w.name].url, listed[w.name].health_path) != (w.url, w.health_path):
                 self.remove_worker(w.name)
         known = {w.name for w in self.workers}
-        for name, url in listed.items():
+        for name, spec in listed.items():
             if name not in known:
-                self._probe_soon(self.add_worker(name, url, "config"))
+                self._probe_soon(self.add_worker(name, spec.url, "config", spec.health_path))
         if config.discovery != old.discovery:
             self._set_discovery(config)
         return [f for f in ("host", "port", "max_request_bytes") if getattr(config, f) != getattr(old, f)]
@@ -313,12 +324,12 @@ class Gateway:
             worker.health.probe_ok(since_progress)
 
     async def _answers(self, worker: GatewayWorker) -> float | None:
-        """None unless /health answers 200 (and /v1/models, until the worker's models are known); else
+        """None unless its health path answers 200 (and /v1/models, until the worker's models are known); else
         the engine's heartbeat: seconds its scheduler has had work without finishing a step (0 from a
         worker that reports none). Raises asyncio.TimeoutError when no answer comes in time."""
         timeout = aiohttp.ClientTimeout(total=self.config.health.timeout)
         try:
-            async with self.session.get(worker.url + "/health", timeout=timeout) as resp:
+            async with self.session.get(worker.url + worker.health_path, timeout=timeout) as resp:
                 if resp.status != 200:
                     return None
                 body = await resp.read()
@@ -345,10 +356,18 @@ class Gateway:
             raise bad_request("the request body must be a JSON object", None, "invalid_json")
         model = _requested_model(request.path, body)
         started = time.perf_counter()
-        with self.auth.admit(key, model):
-            resp = await self._route(request, request_id, body, model, raw, started)
-        self.metrics.latency.labels(request.path).observe(time.perf_counter() - started)
-        return resp
+        try:
+            with self.auth.admit(key, model):
+                return await self._route(request, request_id, body, model, raw, started)
+        except asyncio.CancelledError:  # the client went away (its handler is cancelled): a normal ending
+            self._client_left(request_id)
+            raise
+        finally:
+            self.metrics.latency.labels(request.path).observe(time.perf_counter() - started)
+
+    def _client_left(self, request_id: str) -> None:
+        self.metrics.client_disconnects.inc()
+        log.info("gateway.client_disconnected", request_id=request_id)
 
     async def _route(self, request: web.Request, request_id: str, body: dict, model: str | None, raw: bytes,
                      started: float) -> web.StreamResponse:
@@ -358,10 +377,16 @@ class Gateway:
         from there instead (max_failovers; gateway/failover.py); a stream that nobody can continue ends
         with an error event."""
         self._require_candidates(model)
-        # Rendering a long conversation with the chat template takes a while: a large one in a thread.
-        text = (self.routing_text(request.path, body) if len(raw) <= INLINE_BODY_BYTES
-                else await asyncio.to_thread(self.routing_text, request.path, body))
-        route = RouteRequest(text)
+        # Only for a policy that reads it (least_conn and round_robin do not): rendering a conversation with
+        # the chat template is most of a request's routing cost; a large one goes to a thread.
+        if not self.policy.uses_text:
+            text = ""
+        elif len(raw) <= INLINE_BODY_BYTES:
+            text = self.routing_text(request.path, body)
+        else:
+            text = await asyncio.to_thread(self.routing_text, request.path, body)
+        route = RouteRequest(text, self.sessions.key(request.headers, body, model), is_batch(request.path, body),
+                             self.cache_ledger.distrusted())
         progress = Progress(body)
         tried: set[str] = set()
         retries = failovers = 0
@@ -373,6 +398,8 @@ class Gateway:
                 self._record(request, request_id, outcome, started)
                 if outcome.stream is not None:
                     if (broken := await self._relay(request, outcome, progress)) is None:
+                        if progress.client_gone:
+                            self._client_left(request_id)
                         return progress.client
                     log.info("gateway.stream_failed", request_id=request_id, worker=decision.worker.name, why=broken,
                              choices=len(progress.ids), tokens=sum(map(len, progress.ids.values())))
@@ -408,7 +435,7 @@ class Gateway:
         # Routable again after any wait for capacity: the pick and the lease (which may claim a half-open
         # breaker's one trial) then see the same picture, with nothing running in between.
         free = [w for w in await self._with_capacity(untried) if w.routable]
-        return self.policy.choose(free, route) if free else None
+        return self.sessions.choose(self.policy, free, route) if free else None
 
     @contextlib.asynccontextmanager
     async def _lease(self, worker: GatewayWorker):
@@ -430,7 +457,7 @@ class Gateway:
         continuation (kind "failover") succeeds only with a 200; a first try or retry passes the worker's
         answer on, but for 502/503 while other attempts remain (`last` False)."""
         worker, route = decision.worker, kind or decision.reason
-        headers = {"Content-Type": "application/json", "x-request-id": request_id}
+        headers = {"Content-Type": "application/json", "Accept-Encoding": "identity", "x-request-id": request_id}
         if self.config.max_failovers:
             headers[RESUMABLE_HEADER] = "1"
         try:
@@ -465,13 +492,14 @@ class Gateway:
         return Outcome(decision, route, upstream.status,
                        response=web.Response(status=upstream.status, body=body, headers=headers),
                        answered_at=answered_at,
-                       cached_tokens=reported_cached_tokens(body) if upstream.status == 200 else 0)
+                       usage=answer_usage(body) if upstream.status == 200 else None)
 
     async def _relay(self, request: web.Request, outcome: Outcome, progress: Progress) -> str | None:
         """Pass an event stream through as it arrives, whole events at a time; the client's stream begins
         with the first (its headers are the first answering worker's). None when it ended; why, when the
         worker failed mid-stream: the client's stream stays open for another worker to continue."""
         upstream, worker = outcome.stream, outcome.decision.worker
+        with_data = b""  # the last events relayed that carry data: a stream's usage, if any, is in them
         try:
             while True:
                 try:
@@ -482,21 +510,30 @@ class Gateway:
                     if not progress.done:
                         return why
                     break  # failed after its last event: the client has everything
-                events = progress.feed(chunk) if chunk else progress.flush()
+                try:
+                    events = progress.feed(chunk) if chunk else progress.flush()
+                except NotContinued as exc:
+                    return f"answer: {exc}"
                 if events:
+                    if b"data: {" in events:
+                        with_data = events
                     if progress.client is None:
                         progress.client = outcome.response
                         await progress.client.prepare(request)
-                    await progress.client.write(events)  # a client gone raises here: not the worker's failure
+                    await progress.client.write(events)
                 if not chunk:
                     break
                 worker.health.progress()
+            if progress.client is None:  # an empty stream
+                progress.client = outcome.response
+                await progress.client.prepare(request)
+            await progress.client.write_eof()
+        except ConnectionResetError:  # the client went away (after [DONE], or not): a normal ending
+            progress.client_gone = True
         finally:
             upstream.close()  # on a client disconnect this drops the engine connection: it aborts the request
-        if progress.client is None:  # an empty stream
-            progress.client = outcome.response
-            await progress.client.prepare(request)
-        await progress.client.write_eof()
+        if (usage := stream_usage(with_data)) is not None:
+            self._book_cache(outcome.decision, usage)
         return None
 
     def _record(self, request: web.Request, request_id: str, outcome: Outcome, started: float) -> None:
@@ -516,8 +553,16 @@ class Gateway:
             return
         m.ttfb.labels(request.path).observe(outcome.answered_at - started)
         m.requests.labels(request.path, str(outcome.status), worker.name).inc()
-        m.reported_cached.inc(outcome.cached_tokens)
+        if outcome.usage is not None:
+            self._book_cache(outcome.decision, outcome.usage)
         log.info("gateway.request", **fields)
+
+    def _book_cache(self, decision: Decision, usage: Usage) -> None:
+        """An answer's reported cached tokens, next to what routing predicted for it (cache_prediction.py)."""
+        worker = decision.worker.name
+        self.metrics.reported_cached.labels(worker).inc(usage.cached_tokens)
+        if (predicted := self.cache_ledger.record(decision, usage)) is not None:
+            self.metrics.predicted_cached.labels(worker).inc(predicted)
 
     async def _with_capacity(self, candidates: list[GatewayWorker]) -> list[GatewayWorker]:
         """The candidates below the per-worker cap, waiting in the bounded queue while there are none."""
@@ -542,11 +587,10 @@ class Gateway:
 
     def _require_candidates(self, model: str | None) -> None:
         """404 when no worker serves the model, 503 when none of those is ready."""
-        if model is not None:
-            served = {m for w in self.workers for m in w.models}
-            if model not in served:
-                raise APIError(404, f"model {model!r} is not served here; available: {sorted(served)}",
-                               param="model", code="model_not_found")
+        if model is not None and not any(model in w.models for w in self.workers):
+            served = sorted({m for w in self.workers for m in w.models})
+            raise APIError(404, f"model {model!r} is not served here; available: {served}", param="model",
+                           code="model_not_found")
         if not self._serving(model):
             raise no_ready_worker()
 
@@ -577,8 +621,8 @@ class Gateway:
     async def prometheus(self, request: web.Request) -> web.Response:
         if not self.config.auth.open_metrics:
             self.auth.identify(request)
-        return web.Response(body=self.metrics.render(self.workers, self.policy), content_type="text/plain",
-                            charset="utf-8")
+        return web.Response(body=self.metrics.render(self.workers, self.policy, self.sessions, self.cache_ledger),
+                            content_type="text/plain", charset="utf-8")
 
     async def list_workers(self, request: web.Request) -> web.Response:
         self.auth.identify(request)
@@ -685,7 +729,7 @@ class Gateway:
         except ValidationError as exc:
             param, why = describe(exc)
             raise bad_request(f"{param}: {why}" if param else why, param) from None
-        worker = self.add_worker(spec.name or spec.url, spec.url, "admin")
+        worker = self.add_worker(spec.name or spec.url, spec.url, "admin", spec.health_path)
         await self._probe(worker)
         return web.json_response({"name": worker.name, "state": worker.health.state.value}, status=201)
 
@@ -714,11 +758,21 @@ def _requested_model(path: str, body: dict) -> str | None:
     return model
 
 
-def _answer_headers(upstream: aiohttp.ClientResponse, decision: Decision, route: str, request_id: str) -> dict:
-    headers = {"Content-Type": upstream.headers.get("Content-Type", "application/json"),
-               "x-sglang-gw-worker": decision.worker.name, "x-sglang-gw-route": route, "x-request-id": request_id,
-               "x-sglang-gw-matched-bytes": str(decision.matched_bytes)}
-    if route == "retry":
+# The engine's headers that are not passed on: hop-by-hop ones, the framing the gateway redoes, and the
+# encoding (the body arrives decoded).
+NOT_RELAYED = frozenset({"connection", "keep-alive", "transfer-encoding", "content-length", "content-encoding",
+                         "date", "server", "proxy-authenticate", "trailer", "upgrade", "te", "x-request-id"})
+
+
+def _answer_headers(upstream: aiohttp.ClientResponse, decision: Decision, route: str,
+                    request_id: str) -> CIMultiDict:
+    """The engine's headers a client may use (Retry-After, Cache-Control, its own x-…), and the gateway's."""
+    headers = CIMultiDict((name, value) for name, value in upstream.headers.items()
+                          if name.lower() not in NOT_RELAYED)
+    headers.setdefault("Content-Type", "application/json")
+    headers.update({"x-sglang-gw-worker": decision.worker.name, "x-sglang-gw-route": route,
+                    "x-request-id": request_id, "x-sglang-gw-matched-bytes": str(decision.matched_bytes)})
+    if route in ("retry", "failover"):
         headers["x-should-retry"] = "false"  # we already failed over: the SDK must not multiply retries
     return headers
 
@@ -752,23 +806,6 @@ async def _answer_body(upstream: aiohttp.ClientResponse, progress: Progress) -> 
 
 def no_ready_worker() -> APIError:
     return APIError(503, "no worker is ready", code="no_ready_worker", headers={"Retry-After": "2"})
-
-
-def reported_cached_tokens(body: bytes) -> int:
-    """cached_tokens from an OpenAI usage or SGLang meta_info (0 when absent)."""
-    try:
-        data = json.loads(body)
-    except ValueError:
-        return 0
-    items = data if isinstance(data, list) else [data]
-    total = 0
-    for item in items:
-        if not isinstance(item, dict):
-            continue
-        usage = item.get("usage") or {}
-        details = usage.get("prompt_tokens_details") or {}
-        total += int(details.get("cached_tokens") or (item.get("meta_info") or {}).get("cached_tokens") or 0)
-    return total
 
 
 def _since_progress(health_body: bytes) -> float:

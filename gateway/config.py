@@ -15,6 +15,7 @@ from .policies import POLICIES
 class WorkerConfig(Strict):
     url: str
     name: str | None = None  # default: the URL
+    health_path: str = Field("/health", pattern="^/")  # what the probes ask (200 = serving)
 
     @field_validator("url")
     @classmethod
@@ -116,6 +117,38 @@ class DiscoveryConfig(Strict):
     family: str = Field("any", pattern="^(any|ipv4|ipv6)$")
 
 
+class SessionConfig(Strict):
+    """Session affinity (gateway/sessions.py): a request's session key keeps it on its session's worker."""
+
+    enabled: bool = True
+    # Headers whose value is the session key, the first present wins: ours and SGLang's router's
+    # (x-smg-routing-key), then what coding agents send: Claude Code, Codex (session-id; older
+    # versions session_id), OpenCode (x-session-affinity). Matched without regard to case.
+    headers: tuple[str, ...] = ("x-session-id", "x-smg-routing-key", "x-claude-code-session-id", "session-id",
+                                "session_id", "x-session-affinity")
+    use_user_field: bool = True  # without such a header, the OpenAI `user` field is the key
+    idle_timeout: float = Field(1800.0, gt=0)  # seconds without a request before a session is forgotten
+    max_sessions: int = Field(100_000, ge=1)  # beyond this, the least recently used session is forgotten
+    # Requests a session's worker may be busier than the least-loaded candidate before the session
+    # moves; None: the policy's (prefix_affinity's policy.load_margin, 4 for the others).
+    load_margin: int | None = Field(None, ge=0)
+
+    @field_validator("headers")
+    @classmethod
+    def _names(cls, headers: tuple[str, ...]) -> tuple[str, ...]:
+        if any(not h.strip() or any(c.isspace() or c == ":" for c in h) for h in headers):
+            raise ValueError("header names must be non-empty, without spaces or ':'")
+        return tuple(h.lower() for h in headers)
+
+
+class CachePredictionConfig(Strict):
+    """The check of routing's predicted cached tokens against the engines' reports (gateway/cache_prediction.py)."""
+
+    window: int = Field(64, ge=0)  # predicted hits per worker judged together; 0: never distrust
+    min_ratio: float = Field(0.5, ge=0, le=1)  # reported / predicted below this over a window distrusts the worker
+    cooldown: float = Field(60.0, gt=0)  # seconds a distrusted worker's prefix matches draw no requests
+
+
 class GatewaySettings(Strict):
     """Everything about the gateway but its worker list (in `serve`, the supervisor supplies that)."""
 
@@ -123,6 +156,8 @@ class GatewaySettings(Strict):
     port: int = Field(8000, ge=0, le=65535)
     discovery: DiscoveryConfig | None = None
     policy: PolicyConfig = PolicyConfig()
+    session: SessionConfig = SessionConfig()
+    cache_prediction: CachePredictionConfig = CachePredictionConfig()
     auth: AuthConfig = AuthConfig()
     admin: AdminConfig = AdminConfig()
     health: HealthConfig = HealthConfig()

@@ -15,6 +15,11 @@ import json
 from ..resume import PREFIX, RESUME_FIELD, read_annotation
 
 
+class NotContinued(Exception):
+    """A worker answered a continuation without annotations: it regenerates from the start (it does not
+    take RESUME_FIELD), so its events would repeat what the client has."""
+
+
 class Progress:
     """One request's: its body, what its client has been sent, and the client's stream once begun."""
 
@@ -27,6 +32,7 @@ class Progress:
         self.done = False  # the client has the stream's last event ([DONE]): nothing is left to continue
         self._annotated = False  # an engine wrote annotations: a continuation can start where it stopped
         self.client = None  # the client's event stream (web.StreamResponse), once begun
+        self.client_gone = False  # the client disconnected: its stream ended there
         self._pending = b""  # the start of an event not complete yet
         self._first_data: dict[int | None, bytes] = {}  # each choice's first data event as the client got it
         self._dropped: frozenset[int] = frozenset()  # set at a failover: choices the client has whole
@@ -43,14 +49,14 @@ class Progress:
         *events, self._pending = (self._pending + chunk).split(b"\n\n")
         out = []
         for event in events:
-            choice, keep = None, True
+            choice, keep, noted = None, True, False
             while event.startswith(PREFIX):
                 line, _, rest = event.partition(b"\n")
                 try:
                     note = read_annotation(line)
                 except (ValueError, IndexError):  # some other comment: the client's, as it is
                     break
-                event, self._annotated = rest, True
+                event, noted, self._annotated = rest, True, True
                 if note.choice is None:
                     keep, self.usage_sent = not self.usage_sent, True
                     continue
@@ -65,6 +71,8 @@ class Progress:
                     self.finished.add(choice)
             if not (keep and event):
                 continue
+            if not noted and self._identity is not None and event.startswith(b"data: {"):
+                raise NotContinued("a continuation answered without annotations")
             self.done = self.done or event == b"data: [DONE]"
             if self._identity is not None and event.startswith(b"data: {"):
                 event = self._as_first_engine(event, choice)

@@ -21,13 +21,30 @@ class GatewayMetrics:
         self.inflight = Gauge("sglang_gw_inflight_requests", "requests in flight per worker", ["worker"], registry=r)
         self.decisions = Counter("sglang_gw_routing_decisions", "routing decisions by reason", ["reason"], registry=r)
         self.retries = Counter("sglang_gw_retries", "requests re-sent to another worker", registry=r)
+        self.client_disconnects = Counter("sglang_gw_client_disconnects", "streams whose client went away before "
+                                          "their end (a normal ending, not an error)", registry=r)
         self.failovers = Counter("sglang_gw_failovers", "generations continued on another worker after theirs "
                                  "failed mid-answer", registry=r)
         self.predicted_prefix = Counter("sglang_gw_predicted_prefix_bytes",
                                         "prefix bytes the policy expected the chosen worker to have cached",
                                         registry=r)
+        # Per worker, over the answers that report usage (gateway/cache_prediction.py): their sum is the fleet's.
+        self.predicted_cached = Counter("sglang_gw_predicted_cached_tokens",
+                                        "cached prompt tokens routing predicted for answers that report usage",
+                                        ["worker"], registry=r)
         self.reported_cached = Counter("sglang_gw_reported_cached_tokens",
-                                       "cached prompt tokens the engines reported (non-streamed answers)", registry=r)
+                                       "cached prompt tokens the engines reported (JSON answers, and streams whose "
+                                       "last event carries usage)", ["worker"], registry=r)
+        self.cache_payoff = Gauge("sglang_gw_cache_prediction_payoff", "reported / predicted cached tokens over "
+                                  "the worker's window of predicted hits", ["worker"], registry=r)
+        self.cache_distrusted = Gauge("sglang_gw_cache_prediction_distrusted", "1 while the worker's predicted "
+                                      "hits are not paying off and its prefix matches draw no requests", ["worker"],
+                                      registry=r)
+        self.bytes_per_token = Gauge("sglang_gw_bytes_per_token", "routing-text bytes per prompt token, learned "
+                                     "per worker", ["worker"], registry=r)
+        self.sessions = Gauge("sglang_gw_sessions", "sessions the gateway keeps on a worker", registry=r)
+        self.session_moves = Counter("sglang_gw_session_moves", "sessions moved off their worker, by why",
+                                     ["why"], registry=r)
         self.worker_state = Gauge("sglang_gw_worker_state", "1 for the worker's current state", ["worker", "state"],
                                   registry=r)
         self.worker_breaker = Gauge("sglang_gw_worker_breaker", "1 for the state of the worker's circuit breaker",
@@ -35,7 +52,9 @@ class GatewayMetrics:
         self.prefix_index_bytes = Gauge("sglang_gw_prefix_index_bytes", "text bytes tracked per worker",
                                         ["worker"], registry=r)
 
-    def render(self, workers, policy) -> bytes:
+    def render(self, workers, policy, sessions, cache_ledger) -> bytes:
+        self.sessions.set(len(sessions))
+        distrusted = cache_ledger.distrusted()
         for w in workers:
             self.inflight.labels(w.name).set(w.inflight)
             for state in State:
@@ -44,4 +63,8 @@ class GatewayMetrics:
             for state in Breaker:
                 self.worker_breaker.labels(w.name, state.value).set(1 if breaker is state else 0)
             self.prefix_index_bytes.labels(w.name).set(policy.tracked_bytes(w))
+            self.cache_distrusted.labels(w.name).set(1 if w.name in distrusted else 0)
+            for gauge, value in ((self.cache_payoff, cache_ledger.payoff(w.name)),
+                                 (self.bytes_per_token, cache_ledger.bytes_per_token(w.name))):
+                gauge.labels(w.name).set(float("nan") if value is None else value)  # NaN: nothing learned yet
         return generate_latest(self.registry)

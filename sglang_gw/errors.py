@@ -83,7 +83,8 @@ async def read_json(request: web.Request) -> object:
 
 def parse_json(raw: bytes) -> object:
     """`read_json`'s parse: its errors are 400s."""
-    _check_nesting(raw)  # before json.loads, whose recursion a deeply nested body would exhaust
+    if raw.count(b"[") + raw.count(b"{") > MAX_JSON_DEPTH:  # fewer brackets cannot nest deeper: skip the scan
+        _check_nesting(raw)  # before json.loads, whose recursion a deeply nested body would exhaust
     try:
         body = json.loads(raw)
     except ValueError as exc:  # JSONDecodeError, bad UTF-8, integers over Python's 4,300-digit limit

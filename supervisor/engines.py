@@ -1,10 +1,11 @@
 """What the supervisor runs: one `EngineSpec` per local engine, and the process that fills it.
 
-A spec is the full command line and environment of `sglang-gw engine` for one slot: the GPU pinned
-with CUDA_VISIBLE_DEVICES, or on CPU a share of the cores (torch and OpenMP threads) so that N engines
-do not oversubscribe the machine. Engines run in their own session (a Ctrl-C on the terminal reaches
-only the supervisor, which stops them in order) and die with the supervisor even after kill -9
-(`lifeline`).
+A spec is the full command line and environment of one slot: `sglang-gw engine` with the group's
+settings, or a command group's template filled in with the slot's port and GPU. The GPU is pinned with
+CUDA_VISIBLE_DEVICES; our CPU engines get a share of the cores (torch and OpenMP threads) so that N
+engines do not oversubscribe the machine. Engines run in their own session (a Ctrl-C on the terminal
+reaches only the supervisor, which stops them in order; the session's process group is everything the
+engine started) and die with the supervisor even after kill -9 (`lifeline`).
 """
 
 from __future__ import annotations
@@ -12,15 +13,17 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import structlog
 
-from ..config import ServeConfig, local_engine_names, visible_gpus
-from ..engine.settings import EngineArgs, to_flags
-from .lifeline import PARENT_ENV
+from ..config import CommandGroupConfig, ServeConfig, local_engine_names
+from ..config.schema import HEALTH_PATH
+from ..engine.settings import to_flags
+from . import lifeline
 
 log = structlog.get_logger(__name__)
 
@@ -31,10 +34,11 @@ LOG_LEVELS = {"debug", "info", "warning", "error", "critical"}
 class EngineSpec:
     name: str  # engine-<index>, numbered across the config's engine groups
     url: str  # where the gateway reaches it
-    settings: EngineArgs  # what the engine runs with; argv carries exactly these
-    argv: tuple[str, ...]
+    argv: tuple[str, ...]  # our engine: exactly the group's settings as flags; a command: its filled-in template
     env: tuple[tuple[str, str], ...]  # set on top of the supervisor's environment
     gpu: str | None
+    health_path: str  # answers 200 once the engine is ready
+    startup_timeout: float | None  # the group's; None: supervisor.startup_timeout
 
 
 def plan_engines(config: ServeConfig, cores: int | None = None) -> list[EngineSpec]:
@@ -44,15 +48,21 @@ def plan_engines(config: ServeConfig, cores: int | None = None) -> list[EngineSp
     specs = []
     for name, g, i in names:
         group = config.engines[g]
-        gpus = visible_gpus() if group.gpus == "all" else group.gpus
-        gpu = str(gpus[i]) if gpus is not None else (str(i) if group.device == "cuda" else None)
-        settings = group.engine_args(port=group.base_port + i, num_threads=group.num_threads or share)
-        env = {"OMP_NUM_THREADS": str(settings.num_threads), "PYTHONUNBUFFERED": "1", "SGLANG_GW_ENGINE_NAME": name}
+        port, gpu = group.base_port + i, group.gpu(i)
+        env = {"PYTHONUNBUFFERED": "1", "SGLANG_GW_ENGINE_NAME": name}
         if gpu is not None:
             env["CUDA_VISIBLE_DEVICES"] = gpu
-        specs.append(EngineSpec(name, f"http://{loopback(settings.host)}:{settings.port}", settings,
-                                (sys.executable, "-m", "sglang_gw", "engine", *to_flags(settings)),
-                                tuple(sorted(env.items())), gpu))
+        if isinstance(group, CommandGroupConfig):
+            # Run through the lifeline, which execs the command: it dies with the supervisor as ours do.
+            argv = (sys.executable, "-m", lifeline.__name__, *group.argv(port=port, gpu=gpu))
+            host, health_path = "127.0.0.1", group.health_path
+        else:
+            settings = group.engine_args(port=port, num_threads=group.num_threads or share)
+            env["OMP_NUM_THREADS"] = str(settings.num_threads)
+            argv = (sys.executable, "-m", "sglang_gw", "engine", *to_flags(settings))
+            host, health_path = settings.host, HEALTH_PATH
+        specs.append(EngineSpec(name, f"http://{loopback(host)}:{port}", argv, tuple(sorted(env.items())), gpu,
+                                health_path, group.startup_timeout))
     return specs
 
 
@@ -62,11 +72,20 @@ def loopback(host: str) -> str:
 
 
 async def spawn(spec: EngineSpec) -> asyncio.subprocess.Process:
-    env = dict(os.environ, **dict(spec.env), **{PARENT_ENV: str(os.getpid())})
+    env = dict(os.environ, **dict(spec.env), **{lifeline.PARENT_ENV: str(os.getpid())})
     env.pop("NOTIFY_SOCKET", None)  # only the supervisor talks to systemd
     return await asyncio.create_subprocess_exec(
         *spec.argv, env=env, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT, start_new_session=True, limit=1 << 20)
+
+
+def kill_leftovers(pid: int) -> None:
+    """SIGKILL what an exited engine left running in its process group (a server's scheduler or worker
+    processes), so that they hold neither its port nor GPU memory when it restarts."""
+    try:
+        os.killpg(pid, signal.SIGKILL)  # the engine led its own session: its pid is the group's id
+    except ProcessLookupError:
+        pass  # nothing left
 
 
 def is_stopped(pid: int) -> bool:

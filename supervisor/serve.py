@@ -41,7 +41,7 @@ class ServeRuntime:
 
     @staticmethod
     def _local_workers(specs: list[EngineSpec]) -> list[WorkerConfig]:
-        return [WorkerConfig(url=s.url, name=s.name) for s in specs]
+        return [WorkerConfig(url=s.url, name=s.name, health_path=s.health_path) for s in specs]
 
     @property
     def address(self) -> str:
@@ -116,7 +116,7 @@ class ServeRuntime:
         sd_notify.notify("READY=1")
 
     def _print_banner(self) -> None:
-        models = sorted({g.served_model_name or g.model for g in self.config.engines}) or ["<model>"]
+        models = sorted({g.served_model for g in self.config.engines if g.served_model}) or ["<model>"]
         body = ('{"model": "%s", "messages": [{"role": "user", "content": "Hello!"}]}' % models[0])
         key = '"<your key>"' if self.config.gateway.auth.keys or self.config.gateway.auth.keys_file else '"none"'
         print(f"sglang-gw: gateway on {self.address} - {len(self.specs)} local engine(s) starting, "

@@ -2,8 +2,8 @@
 
 Each engine slot runs one loop, which reads like the policy:
 
-    spawn → wait until /health answers (or the process exits, or startup_timeout) → admit to routing
-    → wait for the process to exit → eject from routing at once, forget its prefixes
+    spawn → wait until its health path answers (or the process exits, or startup_timeout) → admit to routing
+    → wait for the process to exit → eject from routing at once, forget its prefixes, kill what it left
     → planned restart: spawn again now; crash or hang: count it, and either wait out an exponential
       backoff or, at max_restarts within restart_window, hold the slot out until an operator restarts it.
 
@@ -32,7 +32,7 @@ from prometheus_client import Counter, Gauge
 from ..config import ServeConfig, SupervisorConfig
 from ..errors import APIError
 from ..gateway.app import Gateway
-from .engines import EngineSpec, is_stopped, relay_logs, spawn
+from .engines import EngineSpec, is_stopped, kill_leftovers, relay_logs, spawn
 
 log = structlog.get_logger(__name__)
 
@@ -98,6 +98,7 @@ class Supervisor:
             started_ok = slot.ready.is_set()
             slot.ready.clear()
             self.gateway.worker_exited(slot.spec.name)  # ejected before anything else happens
+            kill_leftovers(process.pid)
             reason = slot.planned or ("crashed" if started_ok else "crashed_at_start")
             slot.planned = None
             slot.last_exit = f"{_exit_status(code)} ({reason.replace('_', ' ')})"
@@ -111,14 +112,17 @@ class Supervisor:
             self.gateway.worker_restarted(slot.spec.name)
         self._set_phase(slot, "stopped")
 
+    def _startup_timeout(self, slot: EngineSlot) -> float:
+        return slot.spec.startup_timeout or self.settings.startup_timeout
+
     async def _wait_ready(self, slot: EngineSlot, process) -> bool:
-        """Poll /health until 200; False if the process exits or does not get there in time."""
-        deadline = time.monotonic() + self.settings.startup_timeout
+        """Poll the health path until 200; False if the process exits or does not get there in time."""
+        deadline = time.monotonic() + self._startup_timeout(slot)
         exited = asyncio.ensure_future(process.wait())
         try:
             while time.monotonic() < deadline:
                 try:
-                    async with self.session.get(slot.spec.url + "/health") as resp:
+                    async with self.session.get(slot.spec.url + slot.spec.health_path) as resp:
                         if resp.status == 200:
                             return True
                 except (aiohttp.ClientError, asyncio.TimeoutError):
@@ -128,7 +132,7 @@ class Supervisor:
                     return False
             slot.planned = "startup_timeout"
             log.error("supervisor.engine_startup_timeout", engine=slot.spec.name,
-                      seconds=self.settings.startup_timeout)
+                      seconds=self._startup_timeout(slot), health=slot.spec.url + slot.spec.health_path)
             process.kill()
             return False
         finally:
@@ -197,7 +201,7 @@ class Supervisor:
                 await asyncio.sleep(0.05)
             slot.planned = "restart"
             await self._terminate(slot)
-        await asyncio.wait_for(slot.ready.wait(), self.settings.startup_timeout)
+        await asyncio.wait_for(slot.ready.wait(), self._startup_timeout(slot))
         self.gateway.set_draining(name, False)
 
     async def rolling_restart(self) -> list[str]:
@@ -205,7 +209,8 @@ class Supervisor:
         done = []
         for name, slot in self.slots.items():
             others = [s for s in self.slots.values() if s is not slot and s.phase != "held_out"]
-            await asyncio.wait_for(asyncio.gather(*(s.ready.wait() for s in others)), self.settings.startup_timeout)
+            await asyncio.wait_for(asyncio.gather(*(s.ready.wait() for s in others)),
+                                   max(map(self._startup_timeout, others), default=self.settings.startup_timeout))
             log.info("supervisor.rolling_restart_step", engine=name)
             await self.restart(name)
             done.append(name)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import gzip
 import json
+import socket
 import threading
 import time
 
@@ -28,8 +30,10 @@ def fake_engine(mode: str) -> web.Application:
     probe timeout) and everything else at once; stuck: its /health heartbeat says the scheduler has had
     work and no finished step for 999 s; slow: answers after 0.5 s; other: serves the model "other-model";
     resumable: streams token ids 1, 2, 3, ... annotated as our engine does when the gateway asks
-    (sglang_gw/resume.py), continuing after the ids of a resumed request, and dies after two events.
-    A "-suffix" only names another worker of the same kind. Every request body is kept in `received`."""
+    (sglang_gw/resume.py), continuing after the ids of a resumed request, and dies after two events;
+    gzip: compresses its JSON answers whatever the request accepts, with headers of its own; linger:
+    waits 0.5 s after its stream's [DONE] before ending it; healthz: answers probes on /healthz only (its
+    worker is configured with that health_path). A "-suffix" only names another worker of the same kind. Every request body is kept in `received`."""
     mode = mode.split("-")[0]
     received: list[dict] = []
 
@@ -57,6 +61,11 @@ def fake_engine(mode: str) -> web.Application:
                                      status=status)
         if mode == "slow":
             await asyncio.sleep(0.5)
+        if mode == "gzip" and not body.get("stream"):
+            answer = json.dumps({"choices": [{"index": 0, "text": "from gzip"}]}).encode()
+            return web.Response(body=gzip.compress(answer), headers={
+                "Content-Type": "application/json", "Content-Encoding": "gzip", "Cache-Control": "no-store",
+                "x-engine-note": "kept"})
         if mode == "midjson":
             resp = web.StreamResponse(headers={"Content-Type": "application/json"})
             await resp.prepare(request)
@@ -76,6 +85,8 @@ def fake_engine(mode: str) -> web.Application:
         if mode == "stall":
             await asyncio.sleep(3600)  # hung mid-stream: the connection stays open, no more bytes
         await resp.write(b"data: [DONE]\n\n")
+        if mode == "linger":
+            await asyncio.sleep(0.5)
         return resp
 
     async def resumable(request, body):
@@ -95,7 +106,7 @@ def fake_engine(mode: str) -> web.Application:
 
     app = web.Application()
     app[RECEIVED] = received
-    app.router.add_get("/health", health)
+    app.router.add_get("/healthz" if mode == "healthz" else "/health", health)
     app.router.add_get("/v1/models", models)
     app.router.add_post("/v1/completions", completions)
     return app
@@ -112,7 +123,9 @@ class Fleet:
         self.runners = []
         self.apps = {mode: fake_engine(mode) for mode in modes}
         urls = [self.call(self._serve(app)) for app in self.apps.values()]
-        cfg = parse_config({"port": 0, "workers": [{"url": u, "name": m} for u, m in zip(urls, modes)],
+        workers = [{"url": u, "name": m, **({"health_path": "/healthz"} if m.startswith("healthz") else {})}
+                   for u, m in zip(urls, modes)]
+        cfg = parse_config({"port": 0, "workers": workers,
                             "health": {"interval": 0.2, "timeout": 1.0, "failure_threshold": 2, "stall_timeout": 1.0},
                             "retry_backoff": 0.0, "policy": {"name": "round_robin"}, **config})
         self.gateway = Gateway(cfg, seed=0)
@@ -211,6 +224,67 @@ def test_stream_continues_on_another_worker_until_the_failovers_run_out():
 
     status, body, bodies = one_stream(max_failovers=0)
     assert len(bodies) == 1 and body.count(b"data: ") == 3 and b"upstream_failed" in body
+
+
+def test_a_worker_that_cannot_continue_a_stream_is_never_relayed_into_it():
+    """A continuation answered without annotations (a server that ignores resume_output_ids and starts
+    over) would repeat the client's text: none of it is relayed; the stream ends with an error event."""
+    fleet = Fleet(["resumable", "ok"], max_failovers=2)
+    try:  # round robin: one of two requests starts on the worker that dies
+        answers = [asyncio.run(_post(fleet.url, {"model": MODEL, "prompt": "x", "stream": True})) for _ in range(2)]
+    finally:
+        fleet.close()
+    status, _, body = next(a for a in answers if a[1]["x-sglang-gw-worker"] == "resumable")
+    assert status == 200 and b"upstream_failed" in body
+    assert [json.loads(line[6:]).get("choices", [{}])[0].get("text") for line in body.split(b"\n\n")
+            if line.startswith(b"data: ")][:-1] == ["<1>", "<2>"] and body.count(b"data: ") == 3 and b"upstream_failed" in body
+
+
+@pytest.mark.parametrize("fleet", [["healthz"]], indirect=True)
+def test_probes_ask_the_workers_health_path(fleet):
+    assert fleet.states() == {"healthz": "ready"}
+    status, _, body = asyncio.run(_post(fleet.url, {"model": MODEL, "prompt": "x"}))
+    assert status == 200 and json.loads(body)["choices"][0]["text"] == "from healthz"
+
+
+@pytest.mark.parametrize("fleet", [["gzip"]], indirect=True)
+def test_answers_are_relayed_decoded_with_the_engines_headers(fleet):
+    """An engine that compresses although asked for identity: the client gets the JSON itself, never gzip
+    bytes without their Content-Encoding; the engine's own headers a client may use are passed on."""
+    async def raw_post():
+        async with aiohttp.ClientSession(auto_decompress=False) as session:
+            async with session.post(fleet.url + "/v1/completions", json={"model": MODEL, "prompt": "x"}) as resp:
+                return resp.status, resp.headers, await resp.read()
+
+    status, headers, body = asyncio.run(raw_post())
+    assert status == 200 and "Content-Encoding" not in headers
+    assert json.loads(body)["choices"][0]["text"] == "from gzip"
+    assert headers["x-engine-note"] == "kept" and headers["Cache-Control"] == "no-store"
+
+
+@pytest.mark.parametrize("fleet", [["linger"]], indirect=True)
+def test_a_client_leaving_after_done_is_a_normal_ending(fleet):
+    """A client that closes its connection once it has [DONE] is counted (request log, latency, the
+    disconnect counter), and is no error."""
+    def latency_count() -> float:
+        return fleet.gateway.metrics.registry.get_sample_value("sglang_gw_request_seconds_count",
+                                                               {"path": "/v1/completions"}) or 0.0
+
+    before = latency_count()
+    body = json.dumps({"model": MODEL, "prompt": "x", "stream": True}).encode()
+    host, port = fleet.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port))) as conn:
+        conn.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        received = b""
+        while b"[DONE]" not in received:
+            received += conn.recv(65536)
+    deadline = time.monotonic() + 5
+    while latency_count() == before:
+        assert time.monotonic() < deadline, "the request was never counted"
+        time.sleep(0.05)
+    assert fleet.gateway.metrics.registry.get_sample_value("sglang_gw_client_disconnects_total") == 1
+    fleet.assert_load_settles()
 
 
 @pytest.mark.parametrize("fleet", [["midjson", "ok"]], indirect=True)

@@ -100,6 +100,20 @@ def test_prefix_affinity_burst_on_one_prefix_spreads_past_the_load_margin():
     assert all(w.inflight >= 4 for w in workers), [w.inflight for w in workers]
 
 
+def test_prefix_affinity_places_a_new_prefix_where_it_fits_within_the_load_margin():
+    rng = random.Random(3)
+    workers = _workers(3)
+    policy = create_policy("prefix_affinity", seed=6, block_size=16, load_margin=2)
+    for w, tenants in zip(workers, (3, 1, 0), strict=True):  # w2 holds nothing yet
+        for _ in range(tenants):
+            policy.place(w, RouteRequest(_text(rng, 400)), "miss")
+    workers[0].inflight, workers[1].inflight, workers[2].inflight = 0, 1, 2
+    decision = policy.choose(workers, RouteRequest(_text(rng, 400)))
+    assert (decision.worker.name, decision.reason) == ("w2", "miss")  # busier, but within the margin
+    workers[2].inflight = 3  # past it: the next-emptiest within the margin
+    assert policy.choose(workers, RouteRequest(_text(rng, 400))).worker.name == "w1"
+
+
 def test_prefix_affinity_forgets_a_restarted_worker():
     workers = _workers(2)
     policy = create_policy("prefix_affinity", seed=5, block_size=16)

@@ -29,6 +29,9 @@ def _engine(model_dir, **fields):
     return {"model": model_dir, **fields}
 
 
+COMMAND = [sys.executable, "-m", "server", "--port", "{port}"]  # a command group's template (an executable argv[0])
+
+
 INVALID = [
     # (config, the start of the message after "config: ")
     ({"unknown": 1}, "unknown: Extra inputs are not permitted"),
@@ -76,6 +79,37 @@ INVALID = [
     ({"engines": [{}], "supervisor": {"max_restarts": 0}}, "supervisor.max_restarts: Input should be greater"),
     ({"engines": [{}], "supervisor": {"restart_after": 1}}, "supervisor.restart_after: Extra inputs"),
     ({"engines": [{}], "logging": {"level": "loud"}}, "logging.level: Input should be"),
+    # Command groups: the template, and our engine's settings, which another server would ignore.
+    ({"engines": [{"command": []}]}, "engines.0.command: empty: give the server's command line"),
+    ({"engines": [{"command": [sys.executable, "-m", "server"]}]}, "engines.0.command: no {port} placeholder"),
+    ({"engines": [{"command": [*COMMAND, "--gpu", "{gpuu}"]}]},
+     "engines.0.command: '{gpuu}': unknown placeholder {gpuu}; the placeholders are {port}, {gpu}"),
+    ({"engines": [{"command": [*COMMAND, "--port-offset", "{port:+d}"]}]},
+     "engines.0.command: '{port:+d}': unknown placeholder {port:+d}"),
+    ({"engines": [{"command": [*COMMAND, "--json", '{"a": 1']}]}, "engines.0.command: '{\"a\": 1': unbalanced braces"),
+    ({"engines": [{"command": [*COMMAND, "--x", "a}"]}]}, "engines.0.command: 'a}': unbalanced braces"),
+    ({"engines": [{"command": f"{sys.executable} --port '{{port}}"}]},
+     "engines.0.command: cannot split it as a shell would: No closing quotation"),
+    ({"engines": [{"command": [sys.executable, "--port", {"port": None}]}]},
+     "engines.0.command: quote '{port}': YAML reads an unquoted {port} as a mapping"),
+    ({"engines": [{"command": ["no-such-server", "--port", "{port}"]}]},
+     "engines.0.command: 'no-such-server' is not an executable on this host's PATH"),
+    ({"engines": [{"command": [*COMMAND, "--base-gpu-id", "{gpu}"]}]},
+     "engines.0: command: {gpu} names the engine's GPU, but this group pins none (give gpus)"),
+    ({"engines": [{"command": COMMAND, "gpus": [1, 1]}]}, "engines.0: gpus: must be a non-empty list without repeats"),
+    ({"engines": [{"command": COMMAND, "gpus": [0, 1], "count": 3}]}, "engines.0: count: 3 does not match"),
+    ({"engines": [{"command": COMMAND, "model": "builtin:smollm2-135m-instruct"}]},
+     "engines.0: model: a group runs either our engine (model) or a command, not both"),
+    *[({"engines": [{"command": COMMAND, name: value}]},
+       (f"engines.0: {name}: a setting of our engine (groups with model); a command group gives its server's own "
+        f"flags in command"))
+      for name, value in [("kv_cache_gib", 2), ("dtype", "bfloat16"), ("served_model_name", "m"), ("device", "cuda"),
+                          ("host", "0.0.0.0"), ("extra_args", ["--dtype", "float16"])]],
+    ({"engines": [{"command": COMMAND, "health_path": "health"}]}, "engines.0.health_path: must start with /"),
+    ({"engines": [{"command": COMMAND, "startup_timeout": 0}]}, "engines.0.startup_timeout: Input should be greater"),
+    ({"engines": [{"command": COMMAND, "health": "/health"}]}, "engines.0.health: Extra inputs are not permitted"),
+    ({"engines": [{"command": COMMAND, "base_port": 30000}, {"base_port": 30000}]},
+     "engines.1.base_port: port 30000 is already used by engines.0"),
 ]
 
 
@@ -156,6 +190,53 @@ def test_engine_plan_pins_gpus_and_splits_cpu_cores(model_dir):
 
     args = build_parser().parse_args(list(specs[0].argv[3:]))
     assert (args.port, args.served_model_name, args.max_queued_requests) == (31000, "m", 7)
+
+
+def test_command_engine_plan_fills_in_the_template_and_pins_gpus(model_dir):
+    config = parse_serve_config({"engines": [
+        {"command": f"{sys.executable} -m server --port {{port}} --gpu-id {{gpu}} --json '{{{{\"t\": 0}}}}' --tp 1",
+         "gpus": [2, "GPU-abc"], "base_port": 31000, "health_path": "/v1/models", "startup_timeout": 60},
+        {"command": COMMAND, "count": 2, "base_port": 32000},
+        {"model": model_dir, "base_port": 33000},
+    ]})
+    specs = plan_engines(config, cores=8)
+    assert [s.name for s in specs] == ["engine-0", "engine-1", "engine-2", "engine-3", "engine-4"]
+    lifeline = (sys.executable, "-m", "sglang_gw.supervisor.lifeline")
+    assert specs[1].argv == (*lifeline, sys.executable, "-m", "server", "--port", "31001", "--gpu-id", "GPU-abc",
+                             "--json", '{"t": 0}', "--tp", "1")
+    assert specs[3].argv == (*lifeline, *COMMAND[:-1], "32001")
+    assert specs[4].argv[1:4] == ("-m", "sglang_gw", "engine")  # our engine, as before
+    env = [dict(s.env) for s in specs]
+    assert [e.get("CUDA_VISIBLE_DEVICES") for e in env] == ["2", "GPU-abc", None, None, None]
+    assert [s.gpu for s in specs] == ["2", "GPU-abc", None, None, None]
+    assert [e.get("OMP_NUM_THREADS") for e in env] == [None] * 4 + ["1"]  # a command sets its own threads
+    assert [(s.url, s.health_path, s.startup_timeout) for s in specs[::2]] == [
+        ("http://127.0.0.1:31000", "/v1/models", 60), ("http://127.0.0.1:32000", "/health", None),
+        ("http://127.0.0.1:33000", "/health", None)]
+
+
+def test_check_config_prints_a_command_group_that_loads_again(tmp_path):
+    path = tmp_path / "serve.yaml"
+    path.write_text(f"engines:\n  - command: {sys.executable} -m sglang.launch_server --port {{port}} --tp 1\n"
+                    f"    startup_timeout: 600\n")
+    done = subprocess.run([sys.executable, "-m", "sglang_gw", "check-config", str(path)], capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    effective = yaml.safe_load(done.stdout)
+    assert effective["engines"] == [{"count": None, "gpus": None, "base_port": 30000, "startup_timeout": 600,
+                                     "command": [sys.executable, "-m", "sglang.launch_server", "--port", "{port}",
+                                                 "--tp", "1"], "health_path": "/health"}]
+    assert parse_serve_config(effective).engines == parse_serve_config(yaml.safe_load(path.read_text())).engines
+
+
+def test_serve_and_check_config_refuse_an_invalid_command_template(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump({"engines": [{"command": [*COMMAND, "--gpu", "{gpuu}"]}]}))
+    for command in ("serve", "check-config"):
+        done = subprocess.run([sys.executable, "-m", "sglang_gw", command, str(path)], capture_output=True, text=True,
+                              timeout=60)
+        assert done.returncode == 2
+        assert f"error: {path}: engines.0.command: '{{gpuu}}': unknown placeholder {{gpuu}}" in done.stderr
 
 
 def test_gateway_reload_applies_limits_policy_and_workers_in_place():

@@ -6,6 +6,7 @@ import inspect
 import random
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from functools import cached_property
 
 
 @dataclass
@@ -20,17 +21,33 @@ class Worker:
 @dataclass(frozen=True)
 class RouteRequest:
     text: str  # the prompt as the engine will see it (chat: the rendered template when available)
+    session: bytes | None = None  # the session key (gateway/sessions.py); None: no session
+    batch: bool = False  # several prompts: `text` is only what they share
+    # Workers whose predicted cache hits have not paid off lately (gateway/cache_prediction.py): their
+    # prefix matches draw no requests until they are trusted again.
+    distrusted: frozenset[str] = frozenset()
+
+    @cached_property
+    def text_bytes(self) -> int:
+        return len(self.text.encode())
 
 
 @dataclass(frozen=True)
 class Decision:
     worker: Worker
-    reason: str  # e.g. cache_hit, miss, load_guard, round_robin, least_conn, power_of_two
+    reason: str  # e.g. cache_hit, miss, load_guard, distrusted, session, round_robin, least_conn, power_of_two
     matched_bytes: int = 0  # prefix bytes the policy expects the worker to have cached
+    # The prompt's bytes, set where matched_bytes is a prediction to check against the engine's report
+    # (a single prompt); 0 otherwise.
+    prompt_bytes: int = 0
 
 
 class RoutingPolicy(ABC):
     name: str
+    # Requests a worker may be busier than the least-loaded candidate before locality yields to load:
+    # a cached prefix's (prefix_affinity's `load_margin` option) and a session's (gateway/sessions.py).
+    load_margin: int = 4
+    uses_text = False  # whether `choose` reads RouteRequest.text: the gateway renders it only then
 
     def __init__(self, seed: int | None = None):
         self.rng = random.Random(seed)
@@ -43,6 +60,11 @@ class RoutingPolicy(ABC):
     @abstractmethod
     def choose(self, candidates: list[Worker], request: RouteRequest) -> Decision:
         """candidates: the ready workers serving the request's model (never empty)."""
+
+    def place(self, worker: Worker, request: RouteRequest, reason: str) -> Decision:
+        """The request goes to `worker`, chosen outside the policy (its session's): remember it as the
+        policy remembers its own choices."""
+        return Decision(worker, reason)
 
     def forget(self, worker: Worker) -> None:
         """The worker restarted or left: drop whatever the policy remembers about it."""

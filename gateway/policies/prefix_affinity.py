@@ -3,10 +3,14 @@
 1. Match the request's text against each candidate's prefix index.
 2. Hit (the longest match covers at least `min_match_ratio` of the text): among the workers sharing
    that longest match, the least loaded — unless it is more than `load_margin` requests busier than
-   the least-loaded worker of all, in which case locality yields (`load_guard`).
-3. Miss: the least-loaded worker; among equals, the one holding the fewest prefix bytes, so that new
-   tenants spread cache footprint as well as load.
-The text is then recorded for the chosen worker.
+   the least-loaded worker of all, in which case locality yields (`load_guard`) and the request is
+   placed as a miss is. A conversation moved this way stays: its new worker now holds its longest prefix.
+3. Miss: where the new prefix fits — among the workers within `load_margin` of the least loaded, the
+   one holding the fewest prefix bytes, so that tenants spread cache footprint as well as load (the
+   least-loaded worker alone would hand a tight cache a third of the tenants: docs/routing.md, 11).
+A distrusted worker's matches (its engine's reported cached tokens fell far short of what the index
+predicted: gateway/cache_prediction.py) count for nothing in 2, so its prefixes go by load
+(`distrusted` when that changed the choice). The text is then recorded for the chosen worker.
 """
 
 from __future__ import annotations
@@ -17,9 +21,10 @@ from .base import Decision, RouteRequest, RoutingPolicy, Worker
 
 class PrefixAffinity(RoutingPolicy):
     name = "prefix_affinity"
+    uses_text = True
 
     def __init__(self, seed: int | None = None, *, block_size: int = 64, max_bytes_per_worker: int = 64 << 20,
-                 min_match_ratio: float = 0.3, load_margin: int = 4):
+                 min_match_ratio: float = 0.3, load_margin: int = RoutingPolicy.load_margin):
         super().__init__(seed)
         if not 0 <= min_match_ratio <= 1 or load_margin < 0:
             raise ValueError("min_match_ratio must be in [0, 1] and load_margin >= 0")
@@ -30,19 +35,37 @@ class PrefixAffinity(RoutingPolicy):
     def choose(self, candidates: list[Worker], request: RouteRequest) -> Decision:
         chain = self.index.chain(request.text)
         matched = {w.name: self.index.match(chain, w.name) for w in candidates}
-        best = max(matched.values())
-        idlest = self.least_loaded(candidates, tiebreak=lambda w: self.index.bytes_of(w.name))
-        total = len(request.text.encode())
-        if best > 0 and best >= self.min_match_ratio * total:
-            holder = self.least_loaded([w for w in candidates if matched[w.name] == best])
-            if holder.inflight - idlest.inflight <= self.load_margin:
-                decision = Decision(holder, "cache_hit", best)
+        trusted = {name: 0 if name in request.distrusted else n for name, n in matched.items()}
+        best = self._hit(trusted, request)
+        least = min(w.inflight for w in candidates)
+        # Where a new prefix fits: among the workers within the load margin, the one holding the fewest
+        # prefix bytes, so that tenants spread cache footprint as well as load.
+        roomiest = min((w for w in candidates if w.inflight - least <= self.load_margin),
+                       key=lambda w: (self.index.bytes_of(w.name), w.inflight, self.rng.random()))
+        if best:
+            holder = self.least_loaded([w for w in candidates if trusted[w.name] == best])
+            if holder.inflight - least <= self.load_margin:
+                worker, reason = holder, "cache_hit"
             else:
-                decision = Decision(idlest, "load_guard", matched[idlest.name])
+                worker, reason = roomiest, "load_guard"
         else:
-            decision = Decision(idlest, "miss", matched[idlest.name])
-        self.index.insert(chain, decision.worker.name)
-        return decision
+            worker, reason = roomiest, "distrusted" if self._hit(matched, request) else "miss"
+        return self._record(chain, worker, reason, matched[worker.name], request)
+
+    def place(self, worker: Worker, request: RouteRequest, reason: str) -> Decision:
+        chain = self.index.chain(request.text)
+        return self._record(chain, worker, reason, self.index.match(chain, worker.name), request)
+
+    def _hit(self, matched: dict[str, int], request: RouteRequest) -> int:
+        """The longest match when it makes a hit (at least min_match_ratio of the text), else 0."""
+        best = max(matched.values())
+        return best if best >= self.min_match_ratio * request.text_bytes else 0
+
+    def _record(self, chain: list[bytes], worker: Worker, reason: str, matched: int,
+                request: RouteRequest) -> Decision:
+        self.index.insert(chain, worker.name)
+        # A batch's text is only what its prompts share: its engine reports tokens of them all.
+        return Decision(worker, reason, matched, 0 if request.batch else request.text_bytes)
 
     def retune(self, *, block_size: int, max_bytes_per_worker: int, min_match_ratio: float,
                load_margin: int) -> bool:
