@@ -198,7 +198,7 @@ def test_metrics_export_every_state_and_breaker_position():
 
     gateway = Gateway(parse_config({"workers": [{"url": "http://127.0.0.1:9", "name": "a"}]}))
     gateway.worker_exited("a")
-    text = gateway.metrics.render(gateway.workers, gateway.policy).decode()
+    text = gateway.metrics_text().decode()
     for state in State:
         expected = 1.0 if state is State.DEAD else 0.0
         assert f'sglang_gw_worker_state{{state="{state.value}",worker="a"}} {expected}' in text
