@@ -9,6 +9,7 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 DONE = "[DONE]"  # what `sse_event` returns for the stream's last line
 
@@ -19,10 +20,20 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def _ephemeral_start() -> int:
+    """Where the kernel's ephemeral ports (outgoing connections' local ports) begin."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_port_range(count: int) -> int:
-    """The first of `count` consecutive free ports on 127.0.0.1."""
+    """The first of `count` consecutive free ports on 127.0.0.1, below the ephemeral range: a port there
+    stays free until a server binds it (an outgoing connection could take an ephemeral one meanwhile)."""
+    top = max(_ephemeral_start(), 20000 + 2 * count) - count
     for _ in range(200):
-        base = random.randint(20000, 60000)
+        base = random.randint(10000, top)
         socks = []
         try:
             for port in range(base, base + count):
