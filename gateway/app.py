@@ -45,9 +45,9 @@ from .discovery import DnsDiscovery
 from .failover import NotContinued, Progress
 from .health import State, WorkerHealth
 from .metrics import GatewayMetrics
-from .routing_text import RoutingText
+from .routing_text import RoutingText, is_batch
 from .sessions import Sessions
-from .cache_prediction import CacheLedger, Usage, answer_usage, is_batch, stream_usage
+from .cache_prediction import CacheLedger, Usage, answer_usage, stream_usage
 from .policies import Decision, RouteRequest, Worker, create_policy
 
 log = structlog.get_logger(__name__)

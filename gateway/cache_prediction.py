@@ -46,13 +46,6 @@ class Usage:
     cached_tokens: int
 
 
-def is_batch(path: str, body: dict) -> bool:
-    """Whether the request carries several prompts (routed on what they share: routing_text.prompt_text)."""
-    text = body.get("prompt") if path == "/v1/completions" else body.get("text")
-    prompt = text if text is not None or path == "/v1/completions" else body.get("input_ids")
-    return isinstance(prompt, list) and bool(prompt) and all(isinstance(item, (str, list)) for item in prompt)
-
-
 def answer_usage(body: bytes) -> Usage | None:
     """The usage of one JSON answer: OpenAI's `usage` (with `prompt_tokens_details.cached_tokens`) or
     SGLang's `meta_info`; None when it reports none (an error, a batch's list, another server)."""

@@ -84,15 +84,29 @@ class RoutingText:
                 except Exception:  # noqa: BLE001 — the engine will reject it; route it anywhere sane
                     pass
             return "".join(f"<{m['role']}>{m['content']}\n" for m in messages)
-        if path == "/v1/completions":
-            return prompt_text(body.get("prompt"))
-        text = body.get("text")
-        return prompt_text(text if text is not None else body.get("input_ids"))
+        return prompt_text(_prompt(path, body))
+
+
+def _prompt(path: str, body: dict) -> object:
+    """Where a completions or /generate request holds its prompt: text, ids, or a batch of either."""
+    if path == "/v1/completions":
+        return body.get("prompt")
+    text = body.get("text")
+    return text if text is not None else body.get("input_ids")
+
+
+def _is_batch_prompt(prompt: object) -> bool:
+    return isinstance(prompt, list) and bool(prompt) and all(isinstance(item, (str, list)) for item in prompt)
+
+
+def is_batch(path: str, body: dict) -> bool:
+    """Whether the request carries several prompts (routed on what they share: `prompt_text`)."""
+    return path != "/v1/chat/completions" and _is_batch_prompt(_prompt(path, body))
 
 
 def prompt_text(prompt: object) -> str:
     """A prompt in any of its shapes (text, ids, or a batch of either) as the text to match prefixes on."""
-    if isinstance(prompt, list) and prompt and all(isinstance(item, (str, list)) for item in prompt):
+    if _is_batch_prompt(prompt):
         # A batch: what its items share (os.path.commonprefix compares any sequences, not only paths).
         return os.path.commonprefix([_single_prompt_text(item) for item in prompt])
     return _single_prompt_text(prompt)

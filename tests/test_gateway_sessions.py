@@ -14,7 +14,8 @@ from multidict import CIMultiDict
 
 from conftest import EngineProcess, engine_fleet
 from sglang_gw.gateway.auth import hash_key
-from sglang_gw.gateway.cache_prediction import CacheLedger, Usage, answer_usage, is_batch, stream_usage
+from sglang_gw.gateway.cache_prediction import CacheLedger, Usage, answer_usage, stream_usage
+from sglang_gw.gateway.routing_text import is_batch
 from sglang_gw.gateway.config import CachePredictionConfig, SessionConfig, parse_config
 from sglang_gw.gateway.policies import Decision, RouteRequest, Worker, create_policy
 from sglang_gw.gateway.sessions import Sessions
