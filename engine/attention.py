@@ -2,7 +2,8 @@
 
 A backend writes each layer's new K/V into the pool and attends over every cached position of each
 request. `torch` is the reference: plain SDPA, runs on CPU and CUDA. `cpu` is the reference plus a
-paged decode kernel in C++ (below), the default on CPU. The names are declared in `settings.ATTENTION_BACKENDS`.
+paged decode kernel in C++ (below), the default on CPU. `triton` (engine/triton_attention.py) is the
+default on CUDA. The names are declared in `settings.ATTENTION_BACKENDS`.
 """
 
 from __future__ import annotations
@@ -113,9 +114,20 @@ class CpuPagedBackend(TorchBackend):
         return out.reshape(q.shape[0], -1)
 
 
+def _triton_backend(pool: KVPool, table: ReqToTokenTable) -> AttentionBackend:
+    """Imported on first use: triton is optional, and the import decides whether its kernels are compiled
+    or interpreted (TRITON_INTERPRET)."""
+    try:
+        from .triton_attention import TritonBackend
+    except ImportError as exc:
+        raise cpu_kernels.KernelUnavailable(f"the triton backend needs triton: {exc}") from exc
+    return TritonBackend(pool, table)
+
+
 _BACKENDS: dict[str, Callable[[KVPool, ReqToTokenTable], AttentionBackend]] = {
     "torch": TorchBackend,
     "cpu": CpuPagedBackend,
+    "triton": _triton_backend,
 }
 assert tuple(_BACKENDS) == ATTENTION_BACKENDS, "settings.ATTENTION_BACKENDS names the backends the engine accepts"
 

@@ -127,12 +127,14 @@ class Engine:
         log.info("engine.sampling_defaults", source=config.sampling_defaults, **default_sampling_params)
 
         layout = KVLayout(mc.num_layers, mc.num_kv_heads, mc.head_dim, dtype)
+        on_gpu = self.device.type == "cuda"
+        weights_bytes = torch.cuda.memory_allocated(self.device) if on_gpu else 0
         self.pool = KVPool(layout, self._pool_tokens(layout), self.device)
         self.table = ReqToTokenTable(config.max_running_requests, self.context_length + 1, self.device)
         self.cache = RadixCache(self.pool, disable=config.disable_radix_cache)
         backend = config.attention_backend
         if backend == "auto":
-            backend = "cpu" if self.device.type == "cpu" else "torch"
+            backend = "cpu" if self.device.type == "cpu" else "triton"
         try:
             attn = create_attention_backend(backend, self.pool, self.table)
         except KernelUnavailable as exc:  # chosen by auto: the reference still runs, only slower
@@ -143,12 +145,17 @@ class Engine:
             attn = create_attention_backend(backend, self.pool, self.table)
         self.grammar = create_grammar_backend(config.grammar_backend, self.tokenizer, mc.vocab_size,
                                               self.eos_token_ids)
-        self.scheduler = Scheduler(self.model, attn, self.pool, self.table, self.cache, config, self.grammar)
+        reserved = torch.cuda.memory_reserved(self.device) if on_gpu else 0
+        step_model, graph_sizes = self._with_decode_graphs(backend, attn)
+        if on_gpu:
+            self._report_gpu_memory(weights_bytes, graphs_bytes=torch.cuda.memory_reserved(self.device) - reserved)
+        self.scheduler = Scheduler(step_model, attn, self.pool, self.table, self.cache, config, self.grammar)
         # The settings as they run, where "auto" or a default was resolved (for /get_server_info).
         self.resolved_settings = {
             "dtype": str(dtype).removeprefix("torch."), "attention_backend": backend,
             "context_length": self.context_length, "max_total_tokens": self.pool.size,
             "max_prefill_tokens": config.prefill_step_tokens, "num_threads": torch.get_num_threads(),
+            "cuda_graph_max_bs": max(graph_sizes, default=0),
             "default_sampling_params": default_sampling_params,
         }
 
@@ -180,6 +187,27 @@ class Engine:
         else:
             budget = c.kv_cache_gib * (1 << 30)
         return max(int(budget // layout.bytes_per_token()), 1)
+
+    def _with_decode_graphs(self, backend: str, attn):
+        """The model the scheduler steps, behind CUDA graphs for decode where they apply; the graphs' sizes."""
+        c = self.config
+        # Only triton's decode steps can be captured (the torch backend's shapes follow the sequence lengths).
+        if self.device.type != "cuda" or not c.cuda_graph_max_bs or backend != "triton":
+            return self.model, []
+        from .cuda_graphs import GraphedModel, capture_sizes
+
+        sizes = capture_sizes(min(c.cuda_graph_max_bs, c.max_running_requests))
+        return GraphedModel(self.model, attn, sizes), sizes
+
+    def _report_gpu_memory(self, weights_bytes: int, graphs_bytes: int) -> None:
+        """What start-up placed on the GPU, for operators sizing mem_fraction_static (the KV pool gets what
+        the fraction leaves after the weights; graphs and activations live in the rest)."""
+        free, total = torch.cuda.mem_get_info(self.device)
+        gib = 1 << 30
+        log.info("engine.gpu_memory", total_gib=round(total / gib, 2), weights_gib=round(weights_bytes / gib, 2),
+                 kv_pool_gib=round((self.pool.k.nbytes + self.pool.v.nbytes) / gib, 2), kv_tokens=self.pool.size,
+                 cuda_graphs_gib=round(graphs_bytes / gib, 2), free_gib=round(free / gib, 2),
+                 mem_fraction_static=self.config.mem_fraction_static)
 
     # ---- the scheduler thread -------------------------------------------------------------------
 

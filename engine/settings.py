@@ -17,6 +17,7 @@ since it would be ignored.
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import types
 import typing
@@ -27,7 +28,7 @@ from pydantic import Field, field_validator, model_validator
 from ..validation import Strict, validate
 
 DEFAULT_MODEL = "builtin:smollm2-135m-instruct"
-ATTENTION_BACKENDS = ("torch", "cpu")  # the names engine/attention.py registers
+ATTENTION_BACKENDS = ("torch", "cpu", "triton")  # the names engine/attention.py registers
 GRAMMAR_BACKENDS = ("llguidance", "none")  # the names engine/grammar.py registers
 ALL_DEVICES = ("cpu", "cuda")
 
@@ -102,7 +103,14 @@ class EngineConfig(SchedulerConfig):
     attention_backend: Literal[("auto", *ATTENTION_BACKENDS)] = setting(
         "auto", "torch: the reference (SDPA); cpu: the reference plus a C++ decode kernel that reads the KV "
                 "pool in place, so requests sharing a prefix share its reads (compiled on first use; CPU devices "
-                "only); auto = cpu on CPU (torch where the kernel cannot be built), torch on CUDA")
+                "only); triton: Triton kernels that read the KV pool in place for prefill and decode (CUDA; on "
+                "CPU only under Triton's interpreter, TRITON_INTERPRET=1, for tests); auto = cpu on CPU (torch "
+                "where the kernel cannot be built), triton on CUDA (torch where triton is not installed)")
+    cuda_graph_max_bs: int = setting(256, "largest decode batch replayed from a CUDA graph: graphs are captured at "
+                                          "start-up for batch sizes 1, 2, 4, 8 and multiples of 16 up to this and "
+                                          "max_running_requests; a batch is padded to the next captured size, and "
+                                          "a larger one runs eagerly; 0 = no graphs (triton backend only)",
+                                     devices=("cuda",), ge=0)
     num_threads: int | None = setting(None, "torch threads for this process (default: torch's choice; split "
                                             "the cores between engines)", ge=1)
 
@@ -130,9 +138,22 @@ class EngineConfig(SchedulerConfig):
             if name == "attention_backend" and self.attention_backend == "cpu" and self.device_type != "cpu":
                 raise ValueError(f"attention_backend: cpu runs on CPU devices only, and this engine's device is "
                                  f"{self.device}")
+            if (name == "attention_backend" and self.attention_backend == "triton" and self.device_type == "cpu"
+                    and not triton_interpreted()):
+                raise ValueError("attention_backend: triton runs on CUDA devices (on CPU only under Triton's "
+                                 "interpreter, TRITON_INTERPRET=1), and this engine's device is cpu")
+            if (name == "cuda_graph_max_bs" and self.cuda_graph_max_bs
+                    and self.attention_backend not in ("auto", "triton")):
+                raise ValueError(f"cuda_graph_max_bs: CUDA graphs run with attention_backend triton (or auto), not "
+                                 f"{self.attention_backend}; set 0 for none")
             if name in ("kv_cache_gib", "mem_fraction_static") and self.max_total_tokens is not None:
                 raise ValueError(f"{name}: not used when max_total_tokens sizes the KV pool; give one of them")
         return self
+
+
+def triton_interpreted() -> bool:
+    """Whether Triton will interpret kernels on the CPU (it reads TRITON_INTERPRET as true for these values)."""
+    return os.environ.get("TRITON_INTERPRET", "").lower() in ("1", "true", "on", "yes")
 
 
 class ServerConfig(EngineConfig):

@@ -18,7 +18,7 @@ import pytest
 from conftest import free_port_range, stop_process, wait_http
 from sglang_gw.cli import build_parser
 from sglang_gw.config import ConfigError, parse_serve_config
-from sglang_gw.engine.settings import EngineArgs, ServerConfig, flag, from_flags
+from sglang_gw.engine.settings import EngineArgs, EngineConfig, ServerConfig, devices_of, flag, from_flags
 from sglang_gw.supervisor.engines import plan_engines
 
 MODEL_DIR = "<model dir>"  # replaced by a real directory in each test
@@ -29,7 +29,7 @@ EXAMPLES = {
     "batch_log_interval": 2.5, "model": MODEL_DIR, "device": "cuda", "dtype": "bfloat16",
     "max_total_tokens": 5000, "kv_cache_gib": 0.25, "mem_fraction_static": 0.5, "context_length": 1000,
     "sampling_defaults": "openai", "disable_radix_cache": True, "grammar_backend": "none",
-    "disable_jump_forward": True, "attention_backend": "torch", "num_threads": 1,
+    "disable_jump_forward": True, "attention_backend": "torch", "cuda_graph_max_bs": 32, "num_threads": 1,
     "host": "0.0.0.0", "served_model_name": "renamed", "max_queued_requests": 17, "max_request_bytes": 123456,
     "graceful_shutdown_timeout": 3.0,
 }
@@ -62,7 +62,7 @@ def _invalid(name: str):
 
 def _group(name: str, value, model_dir: str, **more) -> dict:
     group = {"model": model_dir, name: value, **more}
-    if name == "mem_fraction_static" or value == "cuda":  # a CUDA group (planning it needs no GPU)
+    if value == "cuda" or devices_of(ServerConfig.model_fields[name]) == ("cuda",):  # planning needs no GPU
         group.update(device="cuda", gpus=[0])
     return group
 
@@ -121,10 +121,24 @@ def test_extra_args_that_contradict_a_field_or_carry_a_bad_value_are_refused(tmp
     assert (config.engines[0].dtype, config.engines[0].max_prefill_tokens) == ("float16", 8192)
 
 
+def test_backend_choices_that_cannot_run_are_refused_naming_the_field(tmp_path, monkeypatch):
+    model = tmp_path.as_posix()
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ConfigError, match="engines.0: attention_backend: triton runs on CUDA devices .* TRITON_INTERPRET"):
+        parse_serve_config({"engines": [{"model": model, "attention_backend": "triton"}]})
+    with pytest.raises(ConfigError, match="engines.0: cuda_graph_max_bs: CUDA graphs run with attention_backend trit"):
+        parse_serve_config({"engines": [{"model": model, "device": "cuda", "gpus": [0], "attention_backend": "torch",
+                                         "cuda_graph_max_bs": 8}]})
+    assert EngineConfig(device="cuda", attention_backend="triton", cuda_graph_max_bs=8).cuda_graph_max_bs == 8
+    assert EngineConfig(device="cuda", attention_backend="torch", cuda_graph_max_bs=0).cuda_graph_max_bs == 0
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # the interpreter runs the kernels on CPU (the tests' way)
+    assert EngineConfig(attention_backend="triton").attention_backend == "triton"
+
+
 def test_a_real_engine_reports_every_setting_in_effect(tiny_models):
     """One engine planned from a config that changes every CPU setting, asked for /get_server_info."""
-    group = {name: value for name, value in EXAMPLES.items()
-             if name not in ("device", "mem_fraction_static", "max_total_tokens")}  # CUDA only / overrides kv_cache_gib
+    group = {name: value for name, value in EXAMPLES.items()  # CUDA's settings and the one that overrides kv_cache_gib
+             if "cpu" in devices_of(ServerConfig.model_fields[name]) and name not in ("device", "max_total_tokens")}
     group.update(model=str(tiny_models["llama"]), kv_cache_gib=0.01, base_port=free_port_range(1))
     spec = plan_engines(parse_serve_config({"engines": [group]}))[0]
     proc = subprocess.Popen(spec.argv, env=dict(os.environ, **dict(spec.env)),
