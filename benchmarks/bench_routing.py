@@ -1,8 +1,12 @@
 """Routing quality (issue #4): a multi-turn, multi-tenant chat trace through the gateway over N engines,
 once per policy, against the same engines (caches flushed in between).
 
-Reports, per policy: the aggregate prefix-cache hit rate the *engines* report (cached / prompt tokens,
-from their /metrics), and the max/mean ratio of the workers' time-averaged in-flight load.
+The trace and its measurement are `sglang-gw bench`'s (sglang_gw/bench): the multi-turn workload with
+--tenants conversations, each behind its own ~120-word system prompt, --turns turns of 12-word messages
+and 8-token answers (temperature 0), all conversations at once with at most --concurrency requests in
+flight. Reports, per policy: the prefix-cache hit rate the engines report (cached / prompt tokens, in
+each answer's usage), and the max/mean ratio of the workers' time-averaged in-flight load (sampled on the
+gateway's /workers while the trace runs).
 
     python benchmarks/bench_routing.py [--model DIR] [--engines 4] [--tenants 16] [--turns 4]
 
@@ -14,39 +18,53 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import random
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 import aiohttp
+import uvloop
 import yaml
 
+from sglang_gw.bench.report import summarize
+from sglang_gw.bench.runner import BenchConfig, Load, run_bench
+from sglang_gw.bench.workloads import LengthRange, MultiTurnWorkload
 from sglang_gw.testing import free_port, wait_http
 
 REPO = Path(__file__).resolve().parent.parent
 
 
-async def scrape(session: aiohttp.ClientSession, url: str) -> tuple[float, float]:
-    """(cached, prompt) token counters of one engine."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    async with session.get(url + "/metrics") as resp:
-        text = await resp.text()
-    values = {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples}
-    return values["sglang:cached_tokens_total"], values["sglang:prompt_tokens_total"]
-
-
-def make_trace(tenants: int, turns: int, seed: int) -> list[list[tuple[int, str]]]:
-    """Per turn, the (tenant, user message) pairs in a shuffled order; each tenant has a long system prompt."""
-    rng = random.Random(seed)
-    words = ["alpha", "beta", "gamma", "delta", "omega", "sigma", "kappa", "theta"]
-    return [[(t, " ".join(rng.choice(words) for _ in range(12))) for t in rng.sample(range(tenants), tenants)]
-            for _ in range(turns)]
+async def sample_load(session: aiohttp.ClientSession, url: str, workers: int, done: asyncio.Event) -> list[float]:
+    """Each worker's in-flight requests, averaged over samples every 20 ms until `done`."""
+    sums, samples = [0.0] * workers, 0
+    while not done.is_set():
+        async with session.get(url + "/workers") as resp:
+            for i, w in enumerate((await resp.json())["workers"]):
+                sums[i] += w["inflight"]
+        samples += 1
+        await asyncio.sleep(0.02)
+    return [s / max(samples, 1) for s in sums]
 
 
-async def run_policy(policy: str, engines: list[str], trace, system_prompts, concurrency: int, model: str) -> dict:
+async def run_trace(url: str, engines: list[str], config: BenchConfig) -> dict:
+    async with aiohttp.ClientSession() as session:
+        for e in engines:
+            async with session.post(e + "/flush_cache") as resp:
+                assert resp.status == 200
+        done = asyncio.Event()
+        sampler = asyncio.create_task(sample_load(session, url, len(engines), done))
+        run = await run_bench(config, progress=False)
+        done.set()
+        mean_loads = await sampler
+    result = summarize(config, run)
+    assert result["requests"]["errors"] == 0, result["error_examples"]
+    mean = sum(mean_loads) / len(mean_loads)
+    return {"hit_rate": result["prefix_cache_hit_rate"],
+            "load_ratio": max(mean_loads) / mean if mean else float("nan")}
+
+
+def run_policy(policy: str, engines: list[str], trace: MultiTurnWorkload, concurrency: int, model: str) -> dict:
     port = free_port()
     config = {"port": port, "workers": [{"url": u, "name": f"e{i}"} for i, u in enumerate(engines)],
               "policy": {"name": policy}, "health": {"interval": 1.0}}
@@ -56,46 +74,10 @@ async def run_policy(policy: str, engines: list[str], trace, system_prompts, con
                              "--log-format", "json"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     try:
-        await asyncio.to_thread(wait_http, url + "/ready", proc)
-        async with aiohttp.ClientSession() as session:
-            for e in engines:
-                async with session.post(e + "/flush_cache") as resp:
-                    assert resp.status == 200
-            before = [await scrape(session, e) for e in engines]
-            histories = {t: [{"role": "system", "content": p}] for t, p in enumerate(system_prompts)}
-            load_sums, samples, done = [0.0] * len(engines), 0, asyncio.Event()
-
-            async def sample_load():
-                nonlocal samples
-                while not done.is_set():
-                    async with session.get(url + "/workers") as resp:
-                        for i, w in enumerate((await resp.json())["workers"]):
-                            load_sums[i] += w["inflight"]
-                    samples += 1
-                    await asyncio.sleep(0.02)
-
-            sampler = asyncio.create_task(sample_load())
-            limit = asyncio.Semaphore(concurrency)
-
-            async def one(tenant: int, message: str):
-                async with limit:
-                    history = histories[tenant] + [{"role": "user", "content": message}]
-                    body = {"model": model, "messages": history, "max_tokens": 8, "temperature": 0}
-                    async with session.post(url + "/v1/chat/completions", json=body) as resp:
-                        out = await resp.json()
-                    histories[tenant] = history + [{"role": "assistant",
-                                                    "content": out["choices"][0]["message"]["content"]}]
-
-            for turn in trace:  # a tenant's next turn starts after its previous one answered
-                await asyncio.gather(*(one(t, m) for t, m in turn))
-            done.set()
-            await sampler
-            after = [await scrape(session, e) for e in engines]
-        cached = sum(a[0] - b[0] for a, b in zip(after, before))
-        prompt = sum(a[1] - b[1] for a, b in zip(after, before))
-        mean_loads = [s / max(samples, 1) for s in load_sums]
-        mean = sum(mean_loads) / len(mean_loads)
-        return {"hit_rate": cached / prompt, "load_ratio": max(mean_loads) / mean if mean else float("nan")}
+        wait_http(url + "/ready", proc)
+        bench = BenchConfig(url=url, workload=trace, load=Load(request_rate=float("inf"), max_concurrency=concurrency),
+                            backend="openai-chat", model=model, temperature=0.0, seed=1)
+        return uvloop.run(run_trace(url, engines, bench))
     finally:
         proc.terminate()
         proc.wait(timeout=30)
@@ -118,11 +100,8 @@ def main() -> None:
         from conftest import build_tiny_model  # the same tiny model the tests use
 
         model_dir = str(build_tiny_model("llama", Path(tempfile.mkdtemp()) / "tiny-llama"))
-    rng = random.Random(0)
-    system_prompts = [f"You are assistant number {t}. " + " ".join(
-        rng.choice(["reply", "briefly", "with", "care", "and", "facts", "only"]) for _ in range(120))
-        for t in range(args.tenants)]
-    trace = make_trace(args.tenants, args.turns, seed=1)
+    trace = MultiTurnWorkload(conversations=args.tenants, turns=args.turns, system_prompts=args.tenants,
+                              system_len=120, input_len=LengthRange(12, 12), output_len=LengthRange(8, 8))
 
     procs, urls = [], []
     for _ in range(args.engines):
@@ -138,7 +117,7 @@ def main() -> None:
         print(f"{args.engines} engines ({args.kv_tokens}-token KV pools), {args.tenants} tenants x {args.turns} "
               f"turns, concurrency {args.concurrency}")
         for policy in args.policies.split(","):
-            r = asyncio.run(run_policy(policy, urls, trace, system_prompts, args.concurrency, "m"))
+            r = run_policy(policy, urls, trace, args.concurrency, "m")
             print(f"{policy:16s} engine-reported prefix-cache hit rate {r['hit_rate']:.3f}   "
                   f"max/mean in-flight {r['load_ratio']:.2f}", flush=True)
     finally:

@@ -12,21 +12,25 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import random
 import signal
 import statistics
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import aiohttp
 from tqdm import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_engine import make_workload  # noqa: E402  (same workload as the engine-core benchmark)
+from sglang_gw.engine import Engine, SamplingParams
+from sglang_gw.testing import free_port, sse_event, wait_http
 
-from sglang_gw.engine import Engine, SamplingParams  # noqa: E402
-from sglang_gw.testing import free_port, sse_event, wait_http  # noqa: E402
+
+def make_workload(n: int, vocab: int, seed: int, in_range=(32, 512), out_range=(16, 256)):
+    """Token-id prompts and output lengths (the same ids through the offline API and over HTTP)."""
+    rng = random.Random(seed)
+    prompts = [[rng.randrange(100, vocab) for _ in range(rng.randint(*in_range))] for _ in range(n)]
+    return prompts, [rng.randint(*out_range) for _ in range(n)]
 
 
 def percentiles(values: list[float]) -> tuple[float, float]:

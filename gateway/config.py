@@ -149,6 +149,15 @@ class CachePredictionConfig(Strict):
     cooldown: float = Field(60.0, gt=0)  # seconds a distrusted worker's prefix matches draw no requests
 
 
+class StatusConfig(Strict):
+    """The live status page (gateway/status.py): GET /status, and the JSON it polls, GET /status.json."""
+
+    open: bool = False  # /status.json without the admin key (the page itself holds no data and is always served)
+    # Seconds between the page's polls; the engines' /metrics are read at most once per half of it,
+    # however many pages are open, and not at all while none is.
+    refresh: float = Field(2.0, ge=0.2, le=60)
+
+
 class GatewaySettings(Strict):
     """Everything about the gateway but its worker list (in `serve`, the supervisor supplies that)."""
 
@@ -160,6 +169,7 @@ class GatewaySettings(Strict):
     cache_prediction: CachePredictionConfig = CachePredictionConfig()
     auth: AuthConfig = AuthConfig()
     admin: AdminConfig = AdminConfig()
+    status: StatusConfig = StatusConfig()
     health: HealthConfig = HealthConfig()
     request_timeout: float = Field(600.0, gt=0)
     max_retries: int = Field(2, ge=0)  # other workers tried before the first response byte

@@ -65,6 +65,7 @@ class Supervisor:
         self.session: aiohttp.ClientSession | None = None
         gateway.on_hung = self._on_hung
         gateway.process_stopped = self._process_stopped
+        gateway.status.local_engines = self.describe_engines  # phases and restarts on the status page
         r = gateway.metrics.registry
         self.m_restarts = Counter("sglang_gw_engine_restarts", "engine restarts by reason", ["engine", "reason"],
                                   registry=r)
@@ -265,7 +266,10 @@ class Supervisor:
     async def list_engines(self, request: web.Request) -> web.Response:
         self.gateway.auth.identify(request)
         return web.json_response({"rolling_restart": self._rolling is not None and not self._rolling.done(),
-                                  "engines": [self._describe(slot) for slot in self.slots.values()]})
+                                  "engines": self.describe_engines()})
+
+    def describe_engines(self) -> list[dict]:
+        return [self._describe(slot) for slot in self.slots.values()]
 
     def _describe(self, slot: EngineSlot) -> dict:
         return {"name": slot.spec.name, "url": slot.spec.url, "gpu": slot.spec.gpu, "phase": slot.phase,
