@@ -9,16 +9,20 @@ A simulated engine's prefix cache is an LRU of 16-token blocks chained by hash, 
 first (gateway/prefix_index.py's structure, bounded by the engine's KV tokens): a prompt's cached part
 is its leading run of blocks the engine holds; the prompt enters at once (concurrent requests share it),
 prompt plus answer when the answer is done. A token is a 4-byte word, so routing text bytes are 4x
-tokens. A request lasts 20 ms + 0.05 ms per uncached prompt token + 10 ms per answer token, whatever
-the engine's load (routing sees load only as in-flight counts, as the gateway does).
+tokens. A request lasts 20 ms + 0.05 ms per uncached prompt token + 10 ms per answer token, times
+(1 + load_cost x the other requests on its engine when it starts) — `--load-cost 0`: load costs
+nothing, and locality always pays (routing sees load only as in-flight counts, as the gateway does).
+Mean request latency is reported next to the hit rate.
 
 The trace: every tenant has a long system prompt and several conversations; each conversation's turns
 run in order (the next once the last is answered), `--concurrency` requests in flight at a time. Then
 a burst: 64 requests on one new prefix at once.
 
-The oracle is prefix_affinity knowing the engines' true caches instead of predicting them. Reported
-per policy: the prefix-cache hit rate (cached / prompt tokens) and its share of the oracle's,
-the lowest and highest share of requests a worker got, and the burst's highest share on one worker.
+Two upper bounds: `pooled`, one engine with all the engines' cache (the issue's oracle: no routing
+can keep more, since every prefix is cached once), and `oracle`, prefix_affinity knowing the engines'
+true caches instead of predicting them. Reported per policy: the prefix-cache hit rate (cached / prompt
+tokens) and its share of each bound's, the lowest and highest share of requests a worker got, and the
+burst's highest share on one worker.
 """
 
 from __future__ import annotations
@@ -102,10 +106,13 @@ class SGLangCacheAware(RoutingPolicy):
 
 def run(policy_name: str, args, seed: int = 0) -> dict:
     rng = random.Random(seed)
-    workers = [Worker(f"e{i}", "") for i in range(args.engines)]
-    engines = {w.name: Engine(args.cache_tokens) for w in workers}
-    if policy_name == "sglang_cache_aware":
-        policy: RoutingPolicy = SGLangCacheAware(seed)
+    pooled = policy_name == "pooled"
+    workers = [Worker(f"e{i}", "") for i in range(1 if pooled else args.engines)]
+    engines = {w.name: Engine(args.cache_tokens * (args.engines if pooled else 1)) for w in workers}
+    if pooled:
+        policy: RoutingPolicy = create_policy("least_conn", seed)
+    elif policy_name == "sglang_cache_aware":
+        policy = SGLangCacheAware(seed)
     else:
         policy = create_policy("prefix_affinity" if policy_name == "oracle" else policy_name, seed, **(
             {"load_margin": args.load_margin} if policy_name in ("oracle", "prefix_affinity") else {}))
@@ -120,6 +127,7 @@ def run(policy_name: str, args, seed: int = 0) -> dict:
     running: list = []  # (finish time, sequence, conversation, worker, prompt + answer)
     now, sequence = 0.0, 0
     cached = prompt = 0
+    latency: list[float] = []
     requests = dict.fromkeys(engines, 0)
 
     def start(text: str, conv) -> str:
@@ -136,7 +144,8 @@ def run(policy_name: str, args, seed: int = 0) -> dict:
         worker.inflight += 1
         engine.insert(text)
         answer = words(rng, ANSWER_TOKENS)
-        duration = 0.02 + 0.00005 * (tokens - hit) + 0.01 * ANSWER_TOKENS
+        duration = (0.02 + 0.00005 * (tokens - hit) + 0.01 * ANSWER_TOKENS) * (1 + args.load_cost * (worker.inflight - 1))
+        latency.append(duration)
         sequence += 1
         heapq.heappush(running, (now + duration, sequence, conv, worker, text + answer))
         return worker.name
@@ -154,12 +163,12 @@ def run(policy_name: str, args, seed: int = 0) -> dict:
         if turns[conv] < args.turns:
             ready.append(conv)
     shares = [n / sum(requests.values()) for n in requests.values()]
-    hit_rate = cached / prompt
+    hit_rate, mean_latency = cached / prompt, sum(latency) / len(latency)
 
     hot = "burst: " + words(rng, args.system_tokens)
     start(hot, None)  # one request first, so that one worker holds the prefix, then 64 more at once
     burst = [start(hot + words(rng, USER_TOKENS), None) for _ in range(64)]
-    return {"hit_rate": hit_rate, "min_share": min(shares), "max_share": max(shares),
+    return {"hit_rate": hit_rate, "latency": mean_latency, "min_share": min(shares), "max_share": max(shares),
             "burst_max_share": max(map(burst.count, engines)) / len(burst)}
 
 
@@ -172,22 +181,27 @@ def main() -> None:
     ap.add_argument("--conversations", type=int, default=4, help="per tenant")
     ap.add_argument("--turns", type=int, default=6)
     ap.add_argument("--concurrency", type=int, default=16)
+    ap.add_argument("--load-cost", type=float, default=0.0,
+                    help="how much each other request on an engine slows a request (0.1: ten make it twice as slow)")
     ap.add_argument("--seeds", type=int, default=3, help="runs per policy, averaged")
     ap.add_argument("--load-margin", type=int, default=4, help="prefix_affinity's (and the oracle's)")
-    ap.add_argument("--policies", default="oracle,prefix_affinity,sglang_cache_aware,least_conn,round_robin")
+    ap.add_argument("--policies", default="pooled,oracle,prefix_affinity,sglang_cache_aware,least_conn,round_robin")
     args = ap.parse_args()
     print(f"{args.engines} engines x {args.cache_tokens}-token caches; {args.tenants} tenants x "
           f"{args.conversations} conversations x {args.turns} turns; {args.system_tokens}-token system prompts; "
-          f"concurrency {args.concurrency}; load margin {args.load_margin}; {args.seeds} seeds")
-    oracle = None
+          f"concurrency {args.concurrency}; load margin {args.load_margin}; load cost {args.load_cost}; "
+          f"{args.seeds} seeds")
+    bounds: dict[str, float] = {}
     for name in args.policies.split(","):
         runs = [run(name, args, seed) for seed in range(args.seeds)]
         result = {key: sum(r[key] for r in runs) / len(runs) for key in runs[0]}
-        oracle = oracle if oracle is not None else result["hit_rate"] if name == "oracle" else None
-        of_oracle = f"{result['hit_rate'] / oracle:6.1%} of oracle" if oracle else ""
-        print(f"{name:20s} hit rate {result['hit_rate']:.3f} {of_oracle:>16s}   request shares "
-              f"{result['min_share']:.3f}-{result['max_share']:.3f}   burst max share {result['burst_max_share']:.2f}",
-              flush=True)
+        if name in ("pooled", "oracle"):
+            bounds[name] = result["hit_rate"]
+        of_bounds = "  ".join(f"{result['hit_rate'] / rate:6.1%} of {bound}" for bound, rate in bounds.items())
+        balance = "" if name == "pooled" else (f"   request shares {result['min_share']:.3f}-{result['max_share']:.3f}"
+                                               f"   burst max share {result['burst_max_share']:.2f}")
+        print(f"{name:20s} hit rate {result['hit_rate']:.3f}  {of_bounds:36s}  mean latency {result['latency']:.2f} s"
+              f"{balance}", flush=True)
 
 
 if __name__ == "__main__":

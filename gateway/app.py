@@ -18,11 +18,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
+import itertools
 import json
 import os
 import random
 import time
-import uuid
 from dataclasses import dataclass
 from typing import Callable
 
@@ -47,6 +47,8 @@ from .health import State, WorkerHealth
 from .metrics import GatewayMetrics
 from .routing_text import RoutingText, is_batch
 from .sessions import Sessions
+from .upstream import Answer, Upstream, UpstreamError
+from .status import StatusPage
 from .cache_prediction import CacheLedger, Usage, answer_usage, stream_usage
 from .policies import Decision, RouteRequest, Worker, create_policy
 
@@ -54,7 +56,6 @@ log = structlog.get_logger(__name__)
 
 PROXIED = ("/v1/chat/completions", "/v1/completions", "/generate")
 RETRY_STATUSES = {502, 503}
-UPSTREAM_ERRORS = (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, asyncio.TimeoutError)
 # SGLang's load figures that /get_server_info sums over the workers (the other keys are one worker's).
 SUMMED_LOAD = ("num_running_reqs", "num_queue_reqs", "num_used_tokens", "max_total_num_tokens",
                "num_retracted_reqs", "inflight_requests")
@@ -83,7 +84,7 @@ class Outcome:
     route: str  # x-sglang-gw-route: the policy's reason, or "retry"
     status: int | None = None  # the worker's HTTP status; None when it never answered
     response: web.StreamResponse | None = None  # None: failed before any byte reached the client
-    stream: aiohttp.ClientResponse | None = None  # an event stream still to relay into `response`
+    stream: Answer | None = None  # an event stream still to relay into `response`
     failure: str = ""  # why the attempt failed (with no response)
     answered_at: float = 0.0  # perf_counter() when the worker's answer began
     usage: Usage | None = None  # what the engine reported of the prompt (JSON answers; a stream's as it ends)
@@ -127,6 +128,9 @@ class Gateway:
         self.sessions = Sessions(config.session, on_moved=lambda why: self.metrics.session_moves.labels(why).inc())
         self.cache_ledger = CacheLedger(config.cache_prediction)
         self.routing_text = RoutingText()
+        # Ids for requests that bring none: 32 hex digits, a random prefix per process and a counter (a uuid4
+        # per request would cost a system call for randomness the id does not need).
+        self._request_ids = map("{}{:016x}".format, itertools.repeat(os.urandom(8).hex()), itertools.count())
         self.queued = 0
         self.admitting = True  # False once shutdown begins: new requests get 503
         # Called with (worker name, why) when a worker is found hung (health.py says on what evidence);
@@ -138,11 +142,13 @@ class Gateway:
         self.discovery: DnsDiscovery | None = None
         self._probes: dict[str, asyncio.Task] = {}  # the probe in flight of each worker, by name: one at most
         self._capacity = asyncio.Condition()  # notified whenever a worker finishes a request
-        self.session: aiohttp.ClientSession | None = None
+        self.session: aiohttp.ClientSession | None = None  # probes and control calls
+        self.upstream = Upstream()  # proxied requests
         self.app = web.Application(client_max_size=config.max_request_bytes,
                                    middlewares=[error_middleware(config.max_request_bytes)])
         self.app.on_startup.append(self._start)
         self.app.on_cleanup.append(self._stop)
+        self.status = StatusPage(self)  # the live status page and its data (gateway/status.py)
         r = self.app.router
         for path in PROXIED:
             r.add_post(path, self.proxy)
@@ -163,15 +169,12 @@ class Gateway:
         r.add_delete("/admin/workers/{name}", self.admin_remove_worker)
         r.add_post("/admin/workers/{name}/drain", self.admin_drain)
         r.add_post("/admin/workers/{name}/undrain", self.admin_drain)
+        self.status.add_routes(r)
 
     # ---- lifecycle and health -----------------------------------------------------------------
 
     async def _start(self, app) -> None:
-        connector = aiohttp.TCPConnector(limit=0, force_close=False)
-        # Engines are asked for identity encoding (the relay reads events); one that compresses anyway
-        # is decoded here, so the client never gets encoded bytes without their Content-Encoding.
-        # No cookies between engines and clients: the jar would only cost time on every answer.
-        self.session = aiohttp.ClientSession(connector=connector, auto_decompress=True,
+        self.session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0),
                                              cookie_jar=aiohttp.DummyCookieJar())
         await asyncio.gather(*(self._probe(w) for w in self.workers))
         self._prober = asyncio.create_task(self._probe_forever())
@@ -182,6 +185,7 @@ class Gateway:
         for probe in self._probes.values():
             probe.cancel()
         self._set_discovery(None)
+        self.upstream.close()
         await self.session.close()
 
     @property
@@ -250,6 +254,7 @@ class Gateway:
         worker = self._worker(name)
         self.workers.remove(worker)  # in-flight requests hold their own reference and finish
         self.policy.forget(worker)
+        self.metrics.forget(worker.name)
         log.info("gateway.worker_removed", worker=worker.name, inflight=worker.inflight)
         return worker
 
@@ -346,7 +351,7 @@ class Gateway:
     # ---- the request path ---------------------------------------------------------------------------
 
     async def proxy(self, request: web.Request) -> web.StreamResponse:
-        request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
+        request_id = request.headers.get("x-request-id") or next(self._request_ids)
         if not self.admitting:
             raise APIError(503, "the server is shutting down", code="shutting_down", headers={"Retry-After": "5"})
         key = self.auth.identify(request)
@@ -363,7 +368,7 @@ class Gateway:
             self._client_left(request_id)
             raise
         finally:
-            self.metrics.latency.labels(request.path).observe(time.perf_counter() - started)
+            self.metrics.latency_by[request.path,].observe(time.perf_counter() - started)
 
     def _client_left(self, request_id: str) -> None:
         self.metrics.client_disconnects.inc()
@@ -376,7 +381,7 @@ class Gateway:
         said what it generated (a stream begun, a long answer's checkpoints), the next attempt continues
         from there instead (max_failovers; gateway/failover.py); a stream that nobody can continue ends
         with an error event."""
-        self._require_candidates(model)
+        self._require_model(model)
         # Only for a policy that reads it (least_conn and round_robin do not): rendering a conversation with
         # the chat template is most of a request's routing cost; a large one goes to a thread.
         if not self.policy.uses_text:
@@ -427,14 +432,15 @@ class Gateway:
 
     async def _choose(self, model: str | None, tried: set[str], route: RouteRequest) -> Decision | None:
         """The policy's pick among the routable workers of the model below their cap, untried ones first
-        (workers added since the request came are candidates too); None: none left."""
+        (workers added since the request came are candidates too); None: none left (503 when none of the
+        model's workers is ready to begin with)."""
         routable = self._serving(model)
         untried = [w for w in routable if w.name not in tried] or routable
         if not untried:
+            if not tried:
+                raise no_ready_worker()
             return None
-        # Routable again after any wait for capacity: the pick and the lease (which may claim a half-open
-        # breaker's one trial) then see the same picture, with nothing running in between.
-        free = [w for w in await self._with_capacity(untried) if w.routable]
+        free = await self._with_capacity(untried)
         return self.sessions.choose(self.policy, free, route) if free else None
 
     @contextlib.asynccontextmanager
@@ -461,16 +467,15 @@ class Gateway:
         if self.config.max_failovers:
             headers[RESUMABLE_HEADER] = "1"
         try:
-            upstream = await self.session.post(worker.url + request.path, data=raw, headers=headers,
-                                               timeout=aiohttp.ClientTimeout(total=self.config.request_timeout))
-        except (aiohttp.ClientConnectionError, asyncio.TimeoutError) as exc:
-            why = f"connect: {type(exc).__name__}"
+            upstream = await self.upstream.post(worker.url, request.path, raw, headers, self.config.request_timeout)
+        except UpstreamError as exc:
+            why = f"connect: {exc}"
             worker.health.connect_error(why)
             return Outcome(decision, route, failure=why)
         answered_at = time.perf_counter()
         worker.health.response(upstream.status)
         if upstream.status != 200 and (kind == "failover" or upstream.status in RETRY_STATUSES and not last):
-            upstream.release()
+            upstream.close()
             return Outcome(decision, route, upstream.status, failure=f"status {upstream.status}")
         headers = _answer_headers(upstream, decision, route, request_id)
         events = headers["Content-Type"].startswith("text/event-stream")
@@ -480,8 +485,8 @@ class Gateway:
                            stream=upstream, answered_at=answered_at)
         try:
             body = await _answer_body(upstream, progress) if events else await upstream.read()
-        except UPSTREAM_ERRORS as exc:
-            why = f"answer: {type(exc).__name__}"
+        except UpstreamError as exc:
+            why = f"answer: {exc}"
             worker.health.stream_failed(why)
             return Outcome(decision, route, upstream.status, failure=why)
         finally:
@@ -503,9 +508,9 @@ class Gateway:
         try:
             while True:
                 try:
-                    chunk = await upstream.content.readany()
-                except UPSTREAM_ERRORS as exc:
-                    why = f"stream: {type(exc).__name__}"
+                    chunk = await upstream.chunk()
+                except UpstreamError as exc:
+                    why = f"stream: {exc}"
                     worker.health.stream_failed(why)
                     if not progress.done:
                         return why
@@ -538,8 +543,9 @@ class Gateway:
 
     def _record(self, request: web.Request, request_id: str, outcome: Outcome, started: float) -> None:
         """Every attempt's metrics and log line, from its outcome (a stream's once its first byte is in)."""
+        self.status.attempted(request.path, outcome, started)
         m, worker = self.metrics, outcome.decision.worker
-        m.decisions.labels(outcome.route).inc()
+        m.decisions_by[outcome.route,].inc()
         m.predicted_prefix.inc(outcome.decision.matched_bytes)
         if outcome.route == "retry":
             m.retries.inc()
@@ -551,8 +557,8 @@ class Gateway:
         if outcome.response is None:
             log.info("gateway.attempt_failed", why=outcome.failure, **fields)
             return
-        m.ttfb.labels(request.path).observe(outcome.answered_at - started)
-        m.requests.labels(request.path, str(outcome.status), worker.name).inc()
+        m.ttfb_by[request.path,].observe(outcome.answered_at - started)
+        m.requests_by[request.path, str(outcome.status), worker.name].inc()
         if outcome.usage is not None:
             self._book_cache(outcome.decision, outcome.usage)
         log.info("gateway.request", **fields)
@@ -560,9 +566,9 @@ class Gateway:
     def _book_cache(self, decision: Decision, usage: Usage) -> None:
         """An answer's reported cached tokens, next to what routing predicted for it (cache_prediction.py)."""
         worker = decision.worker.name
-        self.metrics.reported_cached.labels(worker).inc(usage.cached_tokens)
+        self.metrics.reported_cached_by[worker,].inc(usage.cached_tokens)
         if (predicted := self.cache_ledger.record(decision, usage)) is not None:
-            self.metrics.predicted_cached.labels(worker).inc(predicted)
+            self.metrics.predicted_cached_by[worker,].inc(predicted)
 
     async def _with_capacity(self, candidates: list[GatewayWorker]) -> list[GatewayWorker]:
         """The candidates below the per-worker cap, waiting in the bounded queue while there are none."""
@@ -583,16 +589,16 @@ class Gateway:
                            headers={"Retry-After": "1"}) from None
         finally:
             self.queued -= 1
-        return [w for w in candidates if w.inflight < limit]
+        # Routable again after the wait: the pick and the lease (which may claim a half-open breaker's one
+        # trial) then see the same picture, with nothing running in between.
+        return [w for w in candidates if w.inflight < limit and w.routable]
 
-    def _require_candidates(self, model: str | None) -> None:
-        """404 when no worker serves the model, 503 when none of those is ready."""
+    def _require_model(self, model: str | None) -> None:
+        """404 when no worker serves the model."""
         if model is not None and not any(model in w.models for w in self.workers):
             served = sorted({m for w in self.workers for m in w.models})
             raise APIError(404, f"model {model!r} is not served here; available: {served}", param="model",
                            code="model_not_found")
-        if not self._serving(model):
-            raise no_ready_worker()
 
     def _serving(self, model: str | None) -> list[GatewayWorker]:
         return [w for w in self.workers if w.routable and (model is None or model in w.models)]
@@ -625,7 +631,7 @@ class Gateway:
 
     def metrics_text(self) -> bytes:
         """The /metrics exposition, with the fleet's gauges set from the state right now."""
-        return self.metrics.render(self.workers, self.policy, self.sessions, self.cache_ledger)
+        return self.metrics.render(self.workers, self.policy, self.sessions, self.cache_ledger, self.queued)
 
     async def list_workers(self, request: web.Request) -> web.Response:
         self.auth.identify(request)
@@ -654,7 +660,7 @@ class Gateway:
         and each worker's own info under "workers" (null when it is not ready or did not answer)."""
         self.auth.identify(request)
         ready = [w for w in self.workers if w.health.state is State.READY]  # draining ones still carry load
-        replies = await self._call_all(ready, "GET", "/get_server_info", timeout=self.config.health.timeout)
+        replies = await self.call_all(ready, "GET", "/get_server_info", timeout=self.config.health.timeout)
         infos = {name: r.body for name, r in replies.items() if r.ok and isinstance(r.body, dict)}
         if not infos:
             raise no_ready_worker()
@@ -672,7 +678,7 @@ class Gateway:
         """Every routable worker's prefix cache emptied, or an error naming the workers that refused."""
         self.auth.identify(request)
         workers = [w for w in self.workers if w.routable]
-        return fanned_out("cache flush", await self._call_all(workers, "POST", "/flush_cache"))
+        return fanned_out("cache flush", await self.call_all(workers, "POST", "/flush_cache"))
 
     async def abort_request(self, request: web.Request) -> web.Response:
         """The request `rid` (or all requests) aborted on whichever worker runs it: sent to every ready
@@ -685,9 +691,9 @@ class Gateway:
         if not body.get("rid") and not body.get("abort_all"):
             raise bad_request("give rid or abort_all", "rid")
         workers = [w for w in self.workers if w.health.state is State.READY]
-        return fanned_out("abort", await self._call_all(workers, "POST", "/abort_request", body))
+        return fanned_out("abort", await self.call_all(workers, "POST", "/abort_request", body))
 
-    async def _call_all(self, workers: list[GatewayWorker], method: str, path: str, body: object = None,
+    async def call_all(self, workers: list[GatewayWorker], method: str, path: str, body: object = None,
                         timeout: float | None = None) -> dict[str, Reply]:
         """The same control call to each worker at once; their replies by worker name."""
         replies = await asyncio.gather(*(self._call(w, method, path, body, timeout) for w in workers))
@@ -767,17 +773,16 @@ NOT_RELAYED = frozenset({"connection", "keep-alive", "transfer-encoding", "conte
                          "date", "server", "proxy-authenticate", "trailer", "upgrade", "te", "x-request-id"})
 
 
-def _answer_headers(upstream: aiohttp.ClientResponse, decision: Decision, route: str,
-                    request_id: str) -> CIMultiDict:
+def _answer_headers(upstream: Answer, decision: Decision, route: str, request_id: str) -> CIMultiDict:
     """The engine's headers a client may use (Retry-After, Cache-Control, its own x-…), and the gateway's."""
-    headers = CIMultiDict((name, value) for name, value in upstream.headers.items()
-                          if name.lower() not in NOT_RELAYED)
-    headers.setdefault("Content-Type", "application/json")
-    headers.update({"x-sglang-gw-worker": decision.worker.name, "x-sglang-gw-route": route,
-                    "x-request-id": request_id, "x-sglang-gw-matched-bytes": str(decision.matched_bytes)})
+    relayed = [(name, value) for name, value in upstream.headers if name.lower() not in NOT_RELAYED]
+    if not any(name.lower() == "content-type" for name, _ in relayed):
+        relayed.append(("Content-Type", "application/json"))
+    relayed += [("x-sglang-gw-worker", decision.worker.name), ("x-sglang-gw-route", route),
+                ("x-request-id", request_id), ("x-sglang-gw-matched-bytes", str(decision.matched_bytes))]
     if route in ("retry", "failover"):
-        headers["x-should-retry"] = "false"  # we already failed over: the SDK must not multiply retries
-    return headers
+        relayed.append(("x-should-retry", "false"))  # we already failed over: the SDK must not multiply retries
+    return CIMultiDict(relayed)
 
 
 def fanned_out(action: str, replies: dict[str, Reply]) -> web.Response:
@@ -796,14 +801,14 @@ def fanned_out(action: str, replies: dict[str, Reply]) -> web.Response:
                               "workers": {name: r.detail() for name, r in replies.items()}})
 
 
-async def _answer_body(upstream: aiohttp.ClientResponse, progress: Progress) -> bytes:
+async def _answer_body(upstream: Answer, progress: Progress) -> bytes:
     """A non-streamed answer that came as checkpoints and then the JSON (sglang_gw/resume.py): the JSON."""
     data = b""
-    while chunk := await upstream.content.readany():
+    while chunk := await upstream.chunk():
         data += progress.feed(chunk)
     data += progress.flush()
     if not data.startswith(b"data: "):
-        raise aiohttp.ClientPayloadError("the answer ended before its JSON")
+        raise UpstreamError("the answer ended before its JSON")
     return data[len(b"data: "):].rstrip(b"\n")
 
 

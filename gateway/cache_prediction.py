@@ -22,12 +22,12 @@ prefix matches draw no requests (prefix_affinity places those by load), and its 
 
 from __future__ import annotations
 
-import json
 import time
 from collections import deque
 from dataclasses import dataclass
 from typing import Callable
 
+import orjson
 import structlog
 
 from .config import CachePredictionConfig
@@ -49,8 +49,10 @@ class Usage:
 def answer_usage(body: bytes) -> Usage | None:
     """The usage of one JSON answer: OpenAI's `usage` (with `prompt_tokens_details.cached_tokens`) or
     SGLang's `meta_info`; None when it reports none (an error, a batch's list, another server)."""
+    if b'"prompt_tokens"' not in body:  # no usage to read: skip the parse
+        return None
     try:
-        data = json.loads(body)
+        data = orjson.loads(body)
     except ValueError:
         return None
     if not isinstance(data, dict):

@@ -46,7 +46,15 @@ class Progress:
     def feed(self, chunk: bytes) -> bytes:
         """The complete events that `chunk` ends, as the client must get them (annotations read and
         stripped); the start of an incomplete one waits for the next chunk."""
-        *events, self._pending = (self._pending + chunk).split(b"\n\n")
+        data = self._pending + chunk
+        if self._identity is None and PREFIX not in data:  # nothing to read or rewrite: whole events as they are
+            end = data.rfind(b"\n\n") + 2  # 1: no event complete yet
+            events, self._pending = (data[:end], data[end:]) if end > 1 else (b"", data)
+            if events and None not in self._first_data:
+                self._first_data[None] = events[:events.find(b"\n\n")]
+            self.done = self.done or events.endswith(b"data: [DONE]\n\n")
+            return events
+        *events, self._pending = data.split(b"\n\n")
         out = []
         for event in events:
             choice, keep, noted = None, True, False

@@ -2,9 +2,25 @@
 
 from __future__ import annotations
 
+import contextlib
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from .health import Breaker, State
+
+
+class Children(dict):
+    """A metric's children by their label values, each made once: prometheus_client's `labels()` takes a
+    lock and checks its arguments on every call, which the request path would pay several times a request."""
+
+    def __init__(self, metric):
+        super().__init__()
+        self.metric = metric
+
+    def __missing__(self, labels: tuple) -> object:
+        child = self[labels] = self.metric.labels(*labels)
+        return child
+
 
 _BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 
@@ -19,6 +35,8 @@ class GatewayMetrics:
         self.ttfb = Histogram("sglang_gw_time_to_first_byte_seconds", "time to the first relayed response byte",
                               ["path"], buckets=_BUCKETS, registry=r)
         self.inflight = Gauge("sglang_gw_inflight_requests", "requests in flight per worker", ["worker"], registry=r)
+        self.queued = Gauge("sglang_gw_queued_requests", "requests waiting at the gateway for a worker below its "
+                            "concurrency cap (max_inflight_per_worker)", registry=r)
         self.decisions = Counter("sglang_gw_routing_decisions", "routing decisions by reason", ["reason"], registry=r)
         self.retries = Counter("sglang_gw_retries", "requests re-sent to another worker", registry=r)
         self.client_disconnects = Counter("sglang_gw_client_disconnects", "streams whose client went away before "
@@ -49,11 +67,28 @@ class GatewayMetrics:
                                   registry=r)
         self.worker_breaker = Gauge("sglang_gw_worker_breaker", "1 for the state of the worker's circuit breaker",
                                     ["worker", "state"], registry=r)
+        # The request path's metrics, by label values.
+        (self.requests_by, self.latency_by, self.ttfb_by, self.decisions_by, self.reported_cached_by,
+         self.predicted_cached_by) = map(Children, (self.requests, self.latency, self.ttfb, self.decisions,
+                                                    self.reported_cached, self.predicted_cached))
         self.prefix_index_bytes = Gauge("sglang_gw_prefix_index_bytes", "text bytes tracked per worker",
                                         ["worker"], registry=r)
 
-    def render(self, workers, policy, sessions, cache_ledger) -> bytes:
+    def forget(self, worker: str) -> None:
+        """A removed worker's gauges go, so that sums over workers (an autoscaler's) count only the fleet;
+        its counters stay: they are history, and rate() ends with them."""
+        for gauge in (self.inflight, self.prefix_index_bytes, self.cache_distrusted, self.cache_payoff,
+                      self.bytes_per_token):
+            with contextlib.suppress(KeyError):
+                gauge.remove(worker)
+        for gauge, states in ((self.worker_state, State), (self.worker_breaker, Breaker)):
+            for state in states:
+                with contextlib.suppress(KeyError):
+                    gauge.remove(worker, state.value)
+
+    def render(self, workers, policy, sessions, cache_ledger, queued: int) -> bytes:
         self.sessions.set(len(sessions))
+        self.queued.set(queued)
         distrusted = cache_ledger.distrusted()
         for w in workers:
             self.inflight.labels(w.name).set(w.inflight)

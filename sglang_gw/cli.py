@@ -4,27 +4,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import sys
 
-import structlog
-
+from sglang_gw.logs import configure_logging
 from sglang_gw.validation import ConfigError
-
-
-def configure_logging(level: str = "info", fmt: str = "auto") -> None:
-    if fmt == "auto":
-        fmt = "console" if sys.stderr.isatty() else "json"
-    renderer = structlog.processors.JSONRenderer() if fmt == "json" else structlog.dev.ConsoleRenderer()
-    structlog.configure(
-        processors=[structlog.processors.add_log_level, structlog.processors.TimeStamper(fmt="iso"),
-                    structlog.processors.format_exc_info, renderer],
-        wrapper_class=structlog.make_filtering_bound_logger(getattr(logging, level.upper())),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
-        # Configured once per process: each logger resolves its processors on first use, not per line (the
-        # gateway logs every request; this halves the cost of a line).
-        cache_logger_on_first_use=True,
-    )
 
 
 def _cmd_model_import(args) -> int:
@@ -186,6 +169,12 @@ def _cmd_key_create(args) -> int:
     return 0
 
 
+def _cmd_bench(args) -> int:
+    from sglang_gw.bench.command import run_command
+
+    return run_command(args, args.bench_parser.error)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from sglang_gw.engine.settings import DEFAULT_MODEL, EngineArgs, EngineConfig, add_flags
 
@@ -245,6 +234,13 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=None)
     add_flags(gen, EngineConfig)
     gen.set_defaults(func=_cmd_generate)
+
+    from sglang_gw.bench.command import add_flags as add_bench_flags
+
+    bench = sub.add_parser("bench", help="load-test a server (ours, SGLang, vLLM, any OpenAI API): throughput, "
+                                         "latencies, cache hits; compare results")
+    add_bench_flags(bench)
+    bench.set_defaults(func=_cmd_bench, bench_parser=bench)  # its flag errors name the bench flag
     return parser
 
 

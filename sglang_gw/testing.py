@@ -95,3 +95,16 @@ def stop_process(proc: subprocess.Popen, timeout: float = 60) -> int:
             proc.kill()
             proc.wait()
     return proc.returncode
+
+
+def log_events(text: str) -> list[dict]:
+    """The JSON log lines of a process's output, parsed (other lines skipped): tests look for events by
+    their fields, whatever the renderer's spacing."""
+    events = []
+    for line in text.splitlines():
+        if line.startswith("{"):
+            try:
+                events.append(json.loads(line))
+            except ValueError:
+                pass
+    return events

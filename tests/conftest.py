@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from sglang_gw.testing import free_port, free_port_range, http_json, stop_process, wait_http  # noqa: F401 — tests import these from here
+from sglang_gw.testing import free_port, free_port_range, http_json, log_events, stop_process, wait_http  # noqa: F401 — tests import these from here
 
 REPO = Path(__file__).resolve().parent.parent
 os.environ.setdefault("SGLANG_GW_CACHE", str(REPO / ".cache"))
@@ -232,10 +232,10 @@ class ServeProcess:
 
         import yaml
 
-        before = self.logs().count('"event": "serve.reloaded"')
+        before = self.count_events("serve.reloaded")
         self.config_path.write_text(yaml.safe_dump(config))
         self.proc.send_signal(signal.SIGHUP)
-        self.wait_for(lambda: self.logs().count('"event": "serve.reloaded"') > before, 30, "the reload")
+        self.wait_for(lambda: self.count_events("serve.reloaded") > before, 30, "the reload")
 
     def engines(self) -> dict[str, dict]:
         return {e["name"]: e for e in self.get("/engines")[1]["engines"]}
@@ -263,6 +263,10 @@ class ServeProcess:
     def logs(self) -> str:
         self._log.flush()
         return self.log_path.read_text()
+
+    def count_events(self, event: str, logs: str | None = None) -> int:
+        """How many log lines (of `logs`, else all so far) are the event `event`."""
+        return sum(e.get("event") == event for e in log_events(self.logs() if logs is None else logs))
 
     def stop(self, timeout: float = 90) -> int:
         code = stop_process(self.proc, timeout)

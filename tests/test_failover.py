@@ -124,6 +124,18 @@ def test_relay_gives_whole_events_whatever_the_chunks():
     assert (bytewise.ids, bytewise.finished) == (whole.ids, whole.finished)
 
 
+def test_a_stream_without_annotations_is_relayed_whole_events_at_a_time_as_it_is():
+    """Another server's stream (no annotations: the relay's fast path) gives the same whole events however
+    it is cut, and its [DONE] ends it."""
+    stream = b'data: {"a": 1}\n\n: keep-alive\n\ndata: {"b": 2}\n\ndata: [DONE]\n\n'
+    for size in (1, 3, 7, len(stream)):
+        progress = Progress({"stream": True})
+        chunks = [stream[i:i + size] for i in range(0, len(stream), size)]
+        relayed = [progress.feed(chunk) for chunk in chunks]
+        assert b"".join(relayed) == stream and progress.done and not progress.continuable
+        assert all(r.endswith(b"\n\n") for r in relayed if r)  # never a part of an event
+
+
 async def _events(url: str, path: str, body: dict, cut_after: int | None = None) -> list[dict]:
     """The events a client gets through the gateway's relay (gateway/failover.py), from one engine: the
     whole stream, or `cut_after` events of it and then the rest continued by a second request."""

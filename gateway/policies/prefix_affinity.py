@@ -38,19 +38,22 @@ class PrefixAffinity(RoutingPolicy):
         trusted = {name: 0 if name in request.distrusted else n for name, n in matched.items()}
         best = self._hit(trusted, request)
         least = min(w.inflight for w in candidates)
-        # Where a new prefix fits: among the workers within the load margin, the one holding the fewest
-        # prefix bytes, so that tenants spread cache footprint as well as load.
-        roomiest = min((w for w in candidates if w.inflight - least <= self.load_margin),
-                       key=lambda w: (self.index.bytes_of(w.name), w.inflight, self.rng.random()))
         if best:
             holder = self.least_loaded([w for w in candidates if trusted[w.name] == best])
             if holder.inflight - least <= self.load_margin:
                 worker, reason = holder, "cache_hit"
             else:
-                worker, reason = roomiest, "load_guard"
+                worker, reason = self._roomiest(candidates, least), "load_guard"
         else:
-            worker, reason = roomiest, "distrusted" if self._hit(matched, request) else "miss"
+            worker = self._roomiest(candidates, least)
+            reason = "distrusted" if self._hit(matched, request) else "miss"
         return self._record(chain, worker, reason, matched[worker.name], request)
+
+    def _roomiest(self, candidates: list[Worker], least: int) -> Worker:
+        """Where a new prefix fits: among the workers within the load margin, the one holding the fewest
+        prefix bytes, so that tenants spread cache footprint as well as load."""
+        return min((w for w in candidates if w.inflight - least <= self.load_margin),
+                   key=lambda w: (self.index.bytes_of(w.name), w.inflight, self.rng.random()))
 
     def place(self, worker: Worker, request: RouteRequest, reason: str) -> Decision:
         chain = self.index.chain(request.text)
