@@ -4,7 +4,8 @@ its interpreter, SGLang's Rust router (`sglang-router` from PyPI, cache_aware), 
 Four fake engines (this script, --fake mode) answer at once; each proxy runs pinned to one core
 (taskset), the fakes and the load generator on the other. Per proxy: CPU seconds per non-streamed
 request, CPU seconds per relayed SSE event (64-event streams), p50/p99 latency added over going to an
-engine directly, and time to first SSE event when the engines take 20 ms per token.
+engine directly, and time to first SSE event when the engines take 20 ms per token (a few streams at once:
+the delay the proxy adds, not its queueing under load).
 
     apt-get install nginx-light   # once
     python -m venv /tmp/rv && /tmp/rv/bin/pip install sglang-router setproctitle uvicorn fastapi orjson  # once
@@ -26,6 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import aiohttp
@@ -199,6 +201,8 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=2000)
     ap.add_argument("--stream-requests", type=int, default=400)
     ap.add_argument("--concurrency", type=int, default=64)
+    ap.add_argument("--first-event-concurrency", type=int, default=4,
+                    help="streams at once while timing the first event (few: the proxy's delay, not the load's)")
     ap.add_argument("--policy", default="least_conn", help="sglang-gw's routing policy")
     ap.add_argument("--router-python", help="an interpreter with sglang-router installed: adds SGLang's router")
     args = ap.parse_args()
@@ -247,10 +251,11 @@ def main() -> None:
                           "cpu_per_event_us": (cpu2 - cpu1) / (args.stream_requests * 65) * 1e6,
                           "latency": pct([lat for lat, _ in plain])}
     with fakes(0.02) as urls:
-        direct_ttfe = asyncio.run(load(urls, 256, 64, True, tokens=16))
+        ttfe_load = partial(load, requests=256, concurrency=args.first_event_concurrency, stream=True, tokens=16)
+        direct_ttfe = asyncio.run(ttfe_load(urls))
         for name, start in proxies:
             with running(start, urls) as (url, _):
-                rows[name]["ttfe"] = pct([first for _, first in asyncio.run(load(url, 256, 64, True, tokens=16))])
+                rows[name]["ttfe"] = pct([first for _, first in asyncio.run(ttfe_load(url))])
 
     d50, d99 = pct([lat for lat, _ in direct])
     t50, t99 = pct([first for _, first in direct_ttfe])
@@ -258,13 +263,14 @@ def main() -> None:
           f"{args.concurrency} concurrent clients, 4 zero-delay fake engines, proxy pinned to one core; "
           f"sglang-gw policy {args.policy}")
     print(f"direct to the engines: latency p50 {d50:.2f} ms p99 {d99:.2f} ms; "
-          f"time to first event (20 ms/token) p50 {t50:.1f} ms p99 {t99:.1f} ms")
+          f"time to first event (20 ms/token, {args.first_event_concurrency} streams at once) p50 {t50:.1f} ms "
+          f"p99 {t99:.1f} ms")
     for name, r in rows.items():
         l50, l99 = r["latency"]
         f50, f99 = r["ttfe"]
         print(f"{name:10s} CPU {r['cpu_per_request_us']:.0f} us/request, {r['cpu_per_event_us']:.1f} us/SSE event; "
               f"latency p50 {l50:.2f} ms p99 {l99:.2f} ms (added vs direct: {l50 - d50:+.2f} / {l99 - d99:+.2f}); "
-              f"first event p50 {f50:.1f} ms p99 {f99:.1f} ms")
+              f"first event p50 {f50:.1f} ms ({f50 - t50:+.1f}) p99 {f99:.1f} ms ({f99 - t99:+.1f})")
     g = rows["sglang-gw"]
     for peer in [name for name in rows if name != "sglang-gw"]:
         p = rows[peer]
