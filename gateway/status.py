@@ -152,6 +152,7 @@ class StatusPage:
         router.add_get("/status", self.page)
         router.add_static("/status/static/", STATIC)
         router.add_get("/status.json", self.document)
+        router.add_get("/status/access", self.access)
 
     # ---- fed by the request path ----------------------------------------------------------------------
 
@@ -172,6 +173,10 @@ class StatusPage:
         """The page itself: no data in it, so served without a key (it asks for one when the JSON needs it)."""
         return web.FileResponse(STATIC / "status.html", headers={"Content-Security-Policy": PAGE_POLICY,
                                                                  "Cache-Control": "no-cache"})
+
+    async def access(self, request: web.Request) -> web.Response:
+        """Whether /status.json needs the admin key: the page asks first, rather than drawing a 401."""
+        return web.json_response({"open": self.gateway.config.status.open}, headers={"Cache-Control": "no-store"})
 
     async def document(self, request: web.Request) -> web.Response:
         if not self.gateway.config.status.open:

@@ -201,5 +201,21 @@
       : [el("tr", {}, el("td", { className: "empty", colSpan: columns }, "none yet"))]));
   }
 
-  poll();
+  // First: whether the data needs a key (asked of /status/access, which holds none), so that a page opened
+  // without one asks for it instead of drawing a 401 from /status.json.
+  async function start() {
+    if (!sessionStorage.getItem(KEY)) {
+      try {
+        const access = await (await fetch("/status/access", { cache: "no-store" })).json();
+        if (!access.open) return askForKey("The status data needs the gateway's admin key.");
+      } catch (err) {
+        connection("lost", "gateway unreachable, retrying…");
+        timer = setTimeout(start, refreshMs);
+        return;
+      }
+    }
+    poll();
+  }
+
+  start();
 })();
