@@ -141,7 +141,7 @@ class Gateway:
         self.process_stopped: Callable[[str], bool | None] = lambda name: None
         self.discovery: DnsDiscovery | None = None
         self._probes: dict[str, asyncio.Task] = {}  # the probe in flight of each worker, by name: one at most
-        self._capacity = asyncio.Condition()  # notified whenever a worker finishes a request
+        self._capacity = asyncio.Condition()  # notified when a worker finishes a request while requests queue
         self.session: aiohttp.ClientSession | None = None  # probes and control calls
         self.upstream = Upstream()  # proxied requests
         self.app = web.Application(client_max_size=config.max_request_bytes,
@@ -453,8 +453,9 @@ class Gateway:
         finally:
             worker.health.request_ended(trial)
             worker.inflight -= 1
-            async with self._capacity:
-                self._capacity.notify()
+            if self.queued:  # only a queued request waits on it
+                async with self._capacity:
+                    self._capacity.notify()
 
     async def _attempt(self, request: web.Request, request_id: str, raw: bytes, decision: Decision, kind: str,
                        progress: Progress, last: bool) -> Outcome:
