@@ -69,6 +69,33 @@ def store_kv(k: torch.Tensor, v: torch.Tensor, pool_k: torch.Tensor, pool_v: tor
 
 
 @triton.jit
+def _kv_block(pool_k_ptr, pool_v_ptr, table_row, n, limit, kv_head, d, d_ok, stride_slot, stride_kvh,
+              UPCAST: tl.constexpr):
+    """K and V [BLOCK_N, BLOCK_D] of a request's positions n, read in place through its table row
+    (positions from `limit` on read the scratch slot 0)."""
+    slots = tl.load(table_row + n, mask=n < limit, other=0)
+    kv_offs = slots[:, None] * stride_slot + kv_head * stride_kvh + d[None, :]
+    k = tl.load(pool_k_ptr + kv_offs, mask=d_ok[None, :], other=0.0)
+    v = tl.load(pool_v_ptr + kv_offs, mask=d_ok[None, :], other=0.0)
+    if UPCAST:
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+    return k, v
+
+
+@triton.jit
+def _softmax_step(scores, v, max_score, denom, acc, DOT_PRECISION: tl.constexpr):
+    """One key block of an online softmax (scores in log2 units, masked ones -inf): the running maximum,
+    denominator and weighted sum of values, rescaled to the new maximum."""
+    new_max = tl.maximum(max_score, tl.max(scores, 1))
+    rescale = tl.exp2(max_score - new_max)
+    p = tl.exp2(scores - new_max[:, None])
+    denom = denom * rescale + tl.sum(p, 1)
+    acc = acc * rescale[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+    return new_max, denom, acc
+
+
+@triton.jit
 def _extend_kernel(q_ptr, out_ptr, pool_k_ptr, pool_v_ptr, table_ptr, rows_ptr, seq_lens_ptr, extend_lens_ptr,
                    starts_ptr, stride_qt, stride_qh, stride_ot, stride_oh, stride_slot, stride_kvh, stride_table,
                    scale_log2, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -101,23 +128,13 @@ def _extend_kernel(q_ptr, out_ptr, pool_k_ptr, pool_v_ptr, table_ptr, rows_ptr, 
     end = tl.minimum(seq_len, prefix + first + BLOCK_M)
     for block_start in range(0, end, BLOCK_N):
         n = block_start + tl.arange(0, BLOCK_N)
-        slots = tl.load(table_row + n, mask=n < end, other=0)
-        kv_offs = slots[:, None] * stride_slot + kv_head * stride_kvh + d[None, :]
-        k = tl.load(pool_k_ptr + kv_offs, mask=d_ok[None, :], other=0.0)
-        v = tl.load(pool_v_ptr + kv_offs, mask=d_ok[None, :], other=0.0)
-        if UPCAST:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
+        k, v = _kv_block(pool_k_ptr, pool_v_ptr, table_row, n, end, kv_head, d, d_ok, stride_slot, stride_kvh,
+                         UPCAST)
         scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
         visible = (n[None, :] <= prefix + m[:, None]) & (n < end)[None, :]
         scores = tl.where(visible, scores, float("-inf"))
         # Every row sees position 0, so its running maximum is finite from the first block on.
-        new_max = tl.maximum(max_score, tl.max(scores, 1))
-        rescale = tl.exp2(max_score - new_max)
-        p = tl.exp2(scores - new_max[:, None])
-        denom = denom * rescale + tl.sum(p, 1)
-        acc = acc * rescale[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-        max_score = new_max
+        max_score, denom, acc = _softmax_step(scores, v, max_score, denom, acc, DOT_PRECISION)
 
     out = acc / denom[:, None]
     tl.store(out_ptr + (start + m)[:, None] * stride_ot + head * stride_oh + d[None, :],
@@ -181,21 +198,11 @@ def _decode_split_kernel(q_ptr, pool_k_ptr, pool_v_ptr, table_ptr, rows_ptr, seq
     acc = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
     for block_start in range(lo, hi, BLOCK_N):
         n = block_start + tl.arange(0, BLOCK_N)
-        slots = tl.load(table_row + n, mask=n < hi, other=0)
-        kv_offs = slots[:, None] * stride_slot + kv_head * stride_kvh + d[None, :]
-        k = tl.load(pool_k_ptr + kv_offs, mask=d_ok[None, :], other=0.0)
-        v = tl.load(pool_v_ptr + kv_offs, mask=d_ok[None, :], other=0.0)
-        if UPCAST:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
+        k, v = _kv_block(pool_k_ptr, pool_v_ptr, table_row, n, hi, kv_head, d, d_ok, stride_slot, stride_kvh,
+                         UPCAST)
         scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
         scores = tl.where((n < hi)[None, :], scores, float("-inf"))
-        new_max = tl.maximum(max_score, tl.max(scores, 1))
-        rescale = tl.exp2(max_score - new_max)
-        p = tl.exp2(scores - new_max[:, None])
-        denom = denom * rescale + tl.sum(p, 1)
-        acc = acc * rescale[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-        max_score = new_max
+        max_score, denom, acc = _softmax_step(scores, v, max_score, denom, acc, DOT_PRECISION)
 
     tl.store(part_out_ptr + lse_offs[:, None] * HEAD_DIM + d[None, :], acc / denom[:, None],
              mask=h_ok[:, None] & d_ok[None, :])
