@@ -1,7 +1,7 @@
 """Gateway cost (issues #4, #13): sglang-gw's gateway vs nginx (least_conn, proxy_buffering off) and, given
 its interpreter, SGLang's Rust router (`sglang-router` from PyPI, cache_aware), same run.
 
-Four fake engines (this script, --fake mode) answer at once; each proxy runs pinned to one core
+Four fake engines (sglang_gw/bench/fake_server.py) answer at once; each proxy runs pinned to one core
 (taskset), the fakes and the load generator on the other. Per proxy: CPU seconds per non-streamed
 request, CPU seconds per relayed SSE event (64-event streams), p50/p99 latency added over going to an
 engine directly, and time to first SSE event when the engines take 20 ms per token (a few streams at once:
@@ -32,45 +32,11 @@ from pathlib import Path
 
 import aiohttp
 import yaml
-from aiohttp import web
 
 from sglang_gw.testing import free_port, wait_http
 
 
-MODEL = "fake"
-
-
-# ---- the fake engine (a subprocess of this script) -----------------------------------------------------
-
-def run_fake(port: int, token_delay: float) -> None:
-    import uvloop
-
-    async def completions(request):
-        body = await request.json()
-        if not body.get("stream"):
-            return web.json_response({"id": "x", "object": "text_completion", "model": MODEL,
-                                      "choices": [{"index": 0, "text": "ok", "finish_reason": "length"}]})
-        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
-        await resp.prepare(request)
-        for i in range(body.get("max_tokens", 64)):
-            if token_delay:
-                await asyncio.sleep(token_delay)
-            await resp.write(b'data: {"choices": [{"index": 0, "text": "t%d"}]}\n\n' % i)
-        await resp.write(b"data: [DONE]\n\n")
-        return resp
-
-    async def models(request):
-        return web.json_response({"object": "list", "data": [{"id": MODEL, "object": "model"}]})
-
-    async def health(request):
-        return web.json_response({"status": "ok"})
-
-    app = web.Application()
-    app.router.add_post("/v1/completions", completions)
-    app.router.add_get("/v1/models", models)
-    app.router.add_get("/health", health)
-    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
-    web.run_app(app, host="127.0.0.1", port=port, print=None, access_log=None)
+MODEL = "fake"  # the fake server's one model
 
 
 # ---- processes ---------------------------------------------------------------------------------------
@@ -92,8 +58,10 @@ def start_fakes(n: int, token_delay: float, core: int) -> tuple[list[subprocess.
     procs, urls = [], []
     for _ in range(n):
         port = free_port()
-        procs.append(subprocess.Popen(["taskset", "-c", str(core), sys.executable, __file__, "--fake", str(port),
-                                       "--token-delay", str(token_delay)]))
+        # sglang-gw bench's fake server: each token (the first included) token_delay after the last.
+        procs.append(subprocess.Popen(["taskset", "-c", str(core), sys.executable, "-m", "sglang_gw.bench.fake_server",
+                                       "--port", str(port), "--ttft", str(token_delay), "--itl", str(token_delay)],
+                                      stdout=subprocess.DEVNULL))
         urls.append(f"http://127.0.0.1:{port}")
     for url in urls:
         wait_http(url + "/health")
@@ -196,8 +164,6 @@ def pct(values: list[float]) -> tuple[float, float]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--fake", type=int, help=argparse.SUPPRESS)
-    ap.add_argument("--token-delay", type=float, default=0.0, help=argparse.SUPPRESS)
     ap.add_argument("--requests", type=int, default=2000)
     ap.add_argument("--stream-requests", type=int, default=400)
     ap.add_argument("--concurrency", type=int, default=64)
@@ -206,8 +172,6 @@ def main() -> None:
     ap.add_argument("--policy", default="least_conn", help="sglang-gw's routing policy")
     ap.add_argument("--router-python", help="an interpreter with sglang-router installed: adds SGLang's router")
     args = ap.parse_args()
-    if args.fake:
-        return run_fake(args.fake, args.token_delay)
     if shutil.which("nginx") is None:
         sys.exit("nginx is not installed: apt-get install nginx-light")
 

@@ -60,7 +60,7 @@ async def post(upstream: Upstream, url: str, body: bytes = b"{}", timeout: float
         answer.close()
 
 
-def test_a_request_is_one_write_with_host_length_and_headers_and_connections_are_kept_alive():
+def test_a_request_carries_host_length_headers_and_body_and_its_connection_is_kept_alive():
     async def main():
         server = RawServer(json_answer())
         async with server as url:

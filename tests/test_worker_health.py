@@ -205,3 +205,20 @@ def test_metrics_export_every_state_and_breaker_position():
     for position in Breaker:
         expected = 1.0 if position is Breaker.CLOSED else 0.0
         assert f'sglang_gw_worker_breaker{{state="{position.value}",worker="a"}} {expected}' in text
+
+
+def test_a_removed_workers_gauges_go_and_its_counters_stay():
+    """An autoscaler sums sglang_gw_inflight_requests over workers: a removed one must not count."""
+    from sglang_gw.gateway.app import Gateway
+
+    gateway = Gateway(parse_config({"workers": [{"url": "http://127.0.0.1:9", "name": "a"},
+                                                {"url": "http://127.0.0.1:10", "name": "b"}]}))
+    gateway.metrics.requests_by["/generate", "200", "a"].inc()
+    before = gateway.metrics_text().decode()
+    assert 'sglang_gw_inflight_requests{worker="a"}' in before and "sglang_gw_queued_requests 0.0" in before
+    gateway.remove_worker("a")
+    after = gateway.metrics_text().decode()
+    left = {line.split("{")[0] for line in after.splitlines() if 'worker="a"' in line}
+    assert left == {"sglang_gw_requests_total", "sglang_gw_requests_created"}  # the counter's series only
+    assert 'sglang_gw_requests_total{path="/generate",status="200",worker="a"} 1.0' in after
+    assert 'sglang_gw_inflight_requests{worker="b"}' in after

@@ -87,12 +87,15 @@ class OpenAIChat:
         reply.take_usage(event.get("usage"))
         carried = False
         for choice in event.get("choices") or ():
-            part = choice.get("delta") or choice.get("message") or {}
-            if text := part.get("content"):
+            if text := self.text_of(choice):
                 reply.pieces.append(text)
                 carried = True
             reply.finish_reason = choice.get("finish_reason") or reply.finish_reason
         return carried
+
+    @staticmethod
+    def text_of(choice: dict) -> str | None:
+        return (choice.get("delta") or choice.get("message") or {}).get("content")
 
 
 class OpenAICompletions(OpenAIChat):
@@ -103,15 +106,9 @@ class OpenAICompletions(OpenAIChat):
         return _openai_extras({"model": model, "prompt": _text_prompt(session, history, turn),
                                "max_tokens": turn.max_tokens, "stream": stream}, session, stream, sampling)
 
-    def take(self, event: dict, reply: _Reply) -> bool:
-        reply.take_usage(event.get("usage"))
-        carried = False
-        for choice in event.get("choices") or ():
-            if text := choice.get("text"):
-                reply.pieces.append(text)
-                carried = True
-            reply.finish_reason = choice.get("finish_reason") or reply.finish_reason
-        return carried
+    @staticmethod
+    def text_of(choice: dict) -> str | None:
+        return choice.get("text")
 
 
 class SGLangNative:
