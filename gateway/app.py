@@ -16,7 +16,6 @@ their answers combined (shapes in docs/sglang-api.md).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hmac
 import itertools
 import json
@@ -43,7 +42,7 @@ from .auth import Authenticator, hash_key
 from .config import GatewayConfig, WorkerConfig
 from .discovery import DnsDiscovery
 from .failover import NotContinued, Progress
-from .health import State, WorkerHealth
+from .health import State, Trial, WorkerHealth
 from .metrics import GatewayMetrics
 from .routing_text import RoutingText, is_batch
 from .sessions import Sessions
@@ -76,7 +75,7 @@ class GatewayWorker(Worker):
         return self.health.routable
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)  # not frozen: made per attempt (policies/base.py says why)
 class Outcome:
     """How one attempt ended: an answer for the client, or a failure that another worker may mend."""
 
@@ -144,6 +143,8 @@ class Gateway:
         self._capacity = asyncio.Condition()  # notified when a worker finishes a request while requests queue
         self.session: aiohttp.ClientSession | None = None  # probes and control calls
         self.upstream = Upstream()  # proxied requests
+        # The request log, bound once: the module's lazy proxy resolves itself again on every line.
+        self._request_log = log.bind()
         self.app = web.Application(client_max_size=config.max_request_bytes,
                                    middlewares=[error_middleware(config.max_request_bytes)])
         self.app.on_startup.append(self._start)
@@ -397,7 +398,8 @@ class Gateway:
         retries = failovers = 0
         kind = ""  # a repeated attempt's route: "retry" or "failover"
         while (decision := await self._choose(model, tried, route)) is not None:
-            async with self._lease(decision.worker):
+            trial = self._lease(decision.worker)
+            try:
                 outcome = await self._attempt(request, request_id, raw, decision, kind, progress,
                                               last=retries == self.config.max_retries)
                 self._record(request, request_id, outcome, started)
@@ -410,6 +412,8 @@ class Gateway:
                              choices=len(progress.ids), tokens=sum(map(len, progress.ids.values())))
                 elif outcome.response is not None:
                     return outcome.response
+            finally:
+                await self._release(decision.worker, trial)
             tried.add(decision.worker.name)
             if progress.continuable:
                 if failovers == self.config.max_failovers:
@@ -443,19 +447,18 @@ class Gateway:
         free = await self._with_capacity(untried)
         return self.sessions.choose(self.policy, free, route) if free else None
 
-    @contextlib.asynccontextmanager
-    async def _lease(self, worker: GatewayWorker):
-        """One attempt's share of the worker's load, until its answer is handed over; released exactly once."""
+    # An attempt's lease: its share of the worker's load, from `_lease` until its answer is handed over,
+    # then `_release`d exactly once (a try/finally in `_route`; an async context manager costs more per request).
+    def _lease(self, worker: GatewayWorker) -> Trial | None:
         worker.inflight += 1
-        trial = worker.health.request_started()
-        try:
-            yield
-        finally:
-            worker.health.request_ended(trial)
-            worker.inflight -= 1
-            if self.queued:  # only a queued request waits on it
-                async with self._capacity:
-                    self._capacity.notify()
+        return worker.health.request_started()
+
+    async def _release(self, worker: GatewayWorker, trial: Trial | None) -> None:
+        worker.health.request_ended(trial)
+        worker.inflight -= 1
+        if self.queued:  # only a queued request waits on it
+            async with self._capacity:
+                self._capacity.notify()
 
     async def _attempt(self, request: web.Request, request_id: str, raw: bytes, decision: Decision, kind: str,
                        progress: Progress, last: bool) -> Outcome:
@@ -556,13 +559,13 @@ class Gateway:
                       matched_bytes=outcome.decision.matched_bytes, status=outcome.status,
                       seconds=round(time.perf_counter() - started, 4))
         if outcome.response is None:
-            log.info("gateway.attempt_failed", why=outcome.failure, **fields)
+            self._request_log.info("gateway.attempt_failed", why=outcome.failure, **fields)
             return
         m.ttfb_by[request.path,].observe(outcome.answered_at - started)
         m.requests_by[request.path, str(outcome.status), worker.name].inc()
         if outcome.usage is not None:
             self._book_cache(outcome.decision, outcome.usage)
-        log.info("gateway.request", **fields)
+        self._request_log.info("gateway.request", **fields)
 
     def _book_cache(self, decision: Decision, usage: Usage) -> None:
         """An answer's reported cached tokens, next to what routing predicted for it (cache_prediction.py)."""

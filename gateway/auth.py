@@ -76,12 +76,12 @@ class Authenticator:
             raise APIError(401, "invalid or missing API key", code="invalid_api_key")
         return found
 
-    @contextlib.contextmanager
-    def admit(self, state: KeyState | None, model: str | None):
+    def admit(self, state: KeyState | None, model: str | None) -> contextlib.AbstractContextManager:
         """Checks the key's model list and limits, and holds one concurrency slot while the request runs."""
-        if state is None:
-            yield
-            return
+        return _OPEN if state is None else self._admit(state, model)
+
+    @contextlib.contextmanager
+    def _admit(self, state: KeyState, model: str | None):
         if state.models is not None and model is not None and model not in state.models:
             raise APIError(403, f"key {state.name!r} may not use model {model!r}", param="model",
                            code="model_not_allowed")
@@ -101,3 +101,6 @@ class Authenticator:
             yield
         finally:
             state.inflight -= 1
+
+
+_OPEN = contextlib.nullcontext()  # an open gateway's admission: nothing to check or hold

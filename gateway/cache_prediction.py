@@ -40,7 +40,7 @@ log = structlog.get_logger(__name__)
 RATIO_DECAY = 0.9
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)  # not frozen: made per answer (policies/base.py says why)
 class Usage:
     prompt_tokens: int
     cached_tokens: int

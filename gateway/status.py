@@ -45,7 +45,7 @@ ENGINE_COUNTERS = {"generated": "sglang:generation_tokens_total", "prompt": "sgl
                    "ttft_count": "sglang:time_to_first_token_seconds_count"}
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)  # not frozen: made per attempt (policies/base.py says why)
 class Attempt:
     """One attempt as the page shows it: the routing decision and how it ended."""
 

@@ -20,16 +20,17 @@ import structlog
 
 
 class TickBufferedStderr:
-    """A byte sink for structlog's BytesLogger: lines written inside a running event loop are held until
-    the end of the loop's current iteration, then written together; lines from anywhere else (a thread,
-    start-up, shutdown) flush what is held and go out at once."""
+    """structlog's logger for rendered JSON lines (bytes): lines written inside a running event loop are held
+    until the end of the loop's current iteration, then written together; lines from anywhere else (a
+    thread, start-up, shutdown) flush what is held and go out at once. It is the logger itself rather than
+    BytesLogger's file: that adds a lock, a retry wrapper and a flush call per line."""
 
     def __init__(self, out: BinaryIO):
         self._out = out
         self._held: list[bytes] = []
         self._lock = threading.Lock()  # the engine's scheduler thread logs too
 
-    def write(self, line: bytes) -> None:
+    def msg(self, line: bytes) -> None:
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
@@ -42,14 +43,14 @@ class TickBufferedStderr:
         elif first:
             loop.call_soon(self.drain)
 
-    def flush(self) -> None:
-        """BytesLogger flushes after every line: the held lines go out with `drain`."""
+    # structlog calls the method named after the line's level.
+    debug = info = warning = warn = error = critical = exception = fatal = log = msg
 
     def drain(self) -> None:
         with self._lock:
             held, self._held = self._held, []
         if held:
-            self._out.write(b"".join(held))
+            self._out.write(b"\n".join(held) + b"\n")
             self._out.flush()
 
 
@@ -74,7 +75,7 @@ def configure_logging(level: str = "info", fmt: str = "auto") -> None:
         renderer = structlog.processors.JSONRenderer(serializer=orjson.dumps, option=orjson.OPT_NON_STR_KEYS)
         sink = TickBufferedStderr(sys.stderr.buffer)
         atexit.register(sink.drain)  # what the last loop iteration held
-        factory = structlog.BytesLoggerFactory(file=sink)
+        factory = lambda *_: sink  # noqa: E731 — every logger is the one sink
     else:
         renderer, factory = structlog.dev.ConsoleRenderer(), structlog.PrintLoggerFactory(file=sys.stderr)
     structlog.configure(

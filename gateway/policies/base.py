@@ -18,7 +18,10 @@ class Worker:
     inflight: int = 0
 
 
-@dataclass(frozen=True)
+# The per-request messages below are plain dataclasses, not frozen ones, though nothing changes them
+# once made: a frozen dataclass's __init__ sets each field through object.__setattr__, ~4x the cost,
+# paid on every request.
+@dataclass
 class RouteRequest:
     text: str  # the prompt as the engine will see it (chat: the rendered template when available)
     session: bytes | None = None  # the session key (gateway/sessions.py); None: no session
@@ -32,7 +35,7 @@ class RouteRequest:
         return len(self.text.encode())
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Decision:
     worker: Worker
     reason: str  # e.g. cache_hit, miss, load_guard, distrusted, session, round_robin, least_conn, power_of_two
