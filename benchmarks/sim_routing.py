@@ -22,7 +22,7 @@ Two upper bounds: `pooled`, one engine with all the engines' cache (the issue's 
 can keep more, since every prefix is cached once), and `oracle`, prefix_affinity knowing the engines'
 true caches instead of predicting them. Reported per policy: the prefix-cache hit rate (cached / prompt
 tokens) and its share of each bound's, the lowest and highest share of requests a worker got, and the
-burst's highest share on one worker.
+burst's highest share on one worker and its median latency (each burst request's, as it starts).
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import heapq
 import random
+import statistics
 from collections import deque
 
 from sglang_gw.gateway.cache_prediction import CacheLedger, Usage
@@ -169,7 +170,8 @@ def run(policy_name: str, args, seed: int = 0) -> dict:
     start(hot, None)  # one request first, so that one worker holds the prefix, then 64 more at once
     burst = [start(hot + words(rng, USER_TOKENS), None) for _ in range(64)]
     return {"hit_rate": hit_rate, "latency": mean_latency, "min_share": min(shares), "max_share": max(shares),
-            "burst_max_share": max(map(burst.count, engines)) / len(burst)}
+            "burst_max_share": max(map(burst.count, engines)) / len(burst),
+            "burst_p50": statistics.median(latency[-len(burst):])}
 
 
 def main() -> None:
@@ -184,7 +186,8 @@ def main() -> None:
     ap.add_argument("--load-cost", type=float, default=0.0,
                     help="how much each other request on an engine slows a request (0.1: ten make it twice as slow)")
     ap.add_argument("--seeds", type=int, default=3, help="runs per policy, averaged")
-    ap.add_argument("--load-margin", type=int, default=4, help="prefix_affinity's (and the oracle's)")
+    ap.add_argument("--load-margin", type=int, default=RoutingPolicy.load_margin,
+                    help="prefix_affinity's (and the oracle's)")
     ap.add_argument("--policies", default="pooled,oracle,prefix_affinity,sglang_cache_aware,least_conn,round_robin")
     args = ap.parse_args()
     print(f"{args.engines} engines x {args.cache_tokens}-token caches; {args.tenants} tenants x "
@@ -199,7 +202,8 @@ def main() -> None:
             bounds[name] = result["hit_rate"]
         of_bounds = "  ".join(f"{result['hit_rate'] / rate:6.1%} of {bound}" for bound, rate in bounds.items())
         balance = "" if name == "pooled" else (f"   request shares {result['min_share']:.3f}-{result['max_share']:.3f}"
-                                               f"   burst max share {result['burst_max_share']:.2f}")
+                                               f"   burst max share {result['burst_max_share']:.2f}"
+                                               f" p50 {result['burst_p50']:.2f} s")
         print(f"{name:20s} hit rate {result['hit_rate']:.3f}  {of_bounds:36s}  mean latency {result['latency']:.2f} s"
               f"{balance}", flush=True)
 

@@ -9,7 +9,7 @@ from pydantic import (Field, ValidationInfo, field_validator,
                       model_serializer, model_validator)
 
 from ..validation import ConfigError, Strict, read_yaml, validate
-from .policies import POLICIES
+from .policies import POLICIES, RoutingPolicy
 
 
 class WorkerConfig(Strict):
@@ -32,7 +32,7 @@ class PolicyConfig(Strict):
     block_size: int = Field(64, ge=1)
     max_bytes_per_worker: int = Field(64 << 20, ge=1)
     min_match_ratio: float = Field(0.3, ge=0, le=1)
-    load_margin: int = Field(4, ge=0)
+    load_margin: int = Field(RoutingPolicy.load_margin, ge=0)
 
     @field_validator("name")
     @classmethod
@@ -130,7 +130,7 @@ class SessionConfig(Strict):
     idle_timeout: float = Field(1800.0, gt=0)  # seconds without a request before a session is forgotten
     max_sessions: int = Field(100_000, ge=1)  # beyond this, the least recently used session is forgotten
     # Requests a session's worker may be busier than the least-loaded candidate before the session
-    # moves; None: the policy's (prefix_affinity's policy.load_margin, 4 for the others).
+    # moves; None: the policy's (prefix_affinity's policy.load_margin, RoutingPolicy.load_margin for the others).
     load_margin: int | None = Field(None, ge=0)
 
     @field_validator("headers")
