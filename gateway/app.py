@@ -402,7 +402,9 @@ class Gateway:
             try:
                 outcome = await self._attempt(request, request_id, raw, decision, kind, progress,
                                               last=retries == self.config.max_retries)
-                self._record(request, request_id, outcome, started)
+                # Booked once the client has the answer's first bytes: metrics, the log line and the status
+                # page are off the path to them (callbacks run when this task next waits, or returns).
+                asyncio.get_running_loop().call_soon(self._record, request.path, request_id, outcome, started)
                 if outcome.stream is not None:
                     if (broken := await self._relay(request, outcome, progress)) is None:
                         if progress.client_gone:
@@ -545,9 +547,9 @@ class Gateway:
             self._book_cache(outcome.decision, usage)
         return None
 
-    def _record(self, request: web.Request, request_id: str, outcome: Outcome, started: float) -> None:
+    def _record(self, path: str, request_id: str, outcome: Outcome, started: float) -> None:
         """Every attempt's metrics and log line, from its outcome (a stream's once its first byte is in)."""
-        self.status.attempted(request.path, outcome, started)
+        self.status.attempted(path, outcome, started)
         m, worker = self.metrics, outcome.decision.worker
         m.decisions_by[outcome.route,].inc()
         m.predicted_prefix.inc(outcome.decision.matched_bytes)
@@ -555,14 +557,14 @@ class Gateway:
             m.retries.inc()
         elif outcome.route == "failover":
             m.failovers.inc()
-        fields = dict(request_id=request_id, path=request.path, worker=worker.name, route=outcome.route,
+        fields = dict(request_id=request_id, path=path, worker=worker.name, route=outcome.route,
                       matched_bytes=outcome.decision.matched_bytes, status=outcome.status,
                       seconds=round(time.perf_counter() - started, 4))
         if outcome.response is None:
             self._request_log.info("gateway.attempt_failed", why=outcome.failure, **fields)
             return
-        m.ttfb_by[request.path,].observe(outcome.answered_at - started)
-        m.requests_by[request.path, str(outcome.status), worker.name].inc()
+        m.ttfb_by[path,].observe(outcome.answered_at - started)
+        m.requests_by[path, str(outcome.status), worker.name].inc()
         if outcome.usage is not None:
             self._book_cache(outcome.decision, outcome.usage)
         self._request_log.info("gateway.request", **fields)
