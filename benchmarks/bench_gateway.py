@@ -10,7 +10,7 @@ the delay the proxy adds, not its queueing under load).
     apt-get install nginx-light   # once
     python -m venv /tmp/rv && /tmp/rv/bin/pip install sglang-router setproctitle uvicorn fastapi orjson  # once
     python benchmarks/bench_gateway.py [--requests 2000] [--concurrency 64] [--policy prefix_affinity]
-                                       [--router-python /tmp/rv/bin/python]
+                                       [--prompt-bytes 2] [--router-python /tmp/rv/bin/python]
 """
 
 from __future__ import annotations
@@ -131,11 +131,21 @@ http {{
 
 # ---- load ---------------------------------------------------------------------------------------------
 
+def prompts(size: int) -> list[str]:
+    """The prompts requests cycle through: "hi", or 16 tenants' prompts of `size` bytes (each request's
+    prefix then matters to a cache-aware proxy, as a chat's system prompt does)."""
+    if size <= 2:
+        return ["hi"]
+    return [(f"tenant {t}: " + "the quick brown fox jumps over the lazy dog " * (size // 44 + 1))[:size]
+            for t in range(16)]
+
+
 async def load(targets: str | list[str], requests: int, concurrency: int, stream: bool,
-               tokens: int = 64) -> list[tuple[float, float]]:
+               tokens: int = 64, prompt_bytes: int = 2) -> list[tuple[float, float]]:
     """(latency, time to first byte of body) per request; several targets are used in turn."""
     targets = [targets] if isinstance(targets, str) else targets
-    body = json.dumps({"model": MODEL, "prompt": "hi", "max_tokens": tokens, "stream": stream}).encode()
+    bodies = [json.dumps({"model": MODEL, "prompt": p, "max_tokens": tokens, "stream": stream}).encode()
+              for p in prompts(prompt_bytes)]
     results = []
     limit = asyncio.Semaphore(concurrency)
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
@@ -145,7 +155,7 @@ async def load(targets: str | list[str], requests: int, concurrency: int, stream
             async with limit:
                 start = time.perf_counter()
                 first = None
-                async with session.post(url + "/v1/completions", data=body,
+                async with session.post(url + "/v1/completions", data=bodies[i % len(bodies)],
                                         headers={"Content-Type": "application/json"}) as resp:
                     assert resp.status == 200, resp.status
                     async for _ in resp.content.iter_any():
@@ -170,8 +180,11 @@ def main() -> None:
     ap.add_argument("--first-event-concurrency", type=int, default=4,
                     help="streams at once while timing the first event (few: the proxy's delay, not the load's)")
     ap.add_argument("--policy", default="least_conn", help="sglang-gw's routing policy")
+    ap.add_argument("--prompt-bytes", type=int, default=2,
+                    help="prompt size: 2 is \"hi\"; more is 16 tenants' prompts of that size, in turn")
     ap.add_argument("--router-python", help="an interpreter with sglang-router installed: adds SGLang's router")
     args = ap.parse_args()
+    traffic = partial(load, prompt_bytes=args.prompt_bytes)
     if shutil.which("nginx") is None:
         sys.exit("nginx is not installed: apt-get install nginx-light")
 
@@ -202,20 +215,20 @@ def main() -> None:
 
     rows = {}
     with fakes(0.0) as urls:
-        direct = asyncio.run(load(urls, args.requests, args.concurrency, False))  # client-side round robin
+        direct = asyncio.run(traffic(urls, args.requests, args.concurrency, False))  # client-side round robin
         for name, start in proxies:
             with running(start, urls) as (url, pids):
-                asyncio.run(load(url, 200, args.concurrency, False))  # warm-up: connections, caches
+                asyncio.run(traffic(url, 200, args.concurrency, False))  # warm-up: connections, caches
                 cpu0 = cpu_seconds(pids)
-                plain = asyncio.run(load(url, args.requests, args.concurrency, False))
+                plain = asyncio.run(traffic(url, args.requests, args.concurrency, False))
                 cpu1 = cpu_seconds(pids)
-                asyncio.run(load(url, args.stream_requests, args.concurrency, True))
+                asyncio.run(traffic(url, args.stream_requests, args.concurrency, True))
                 cpu2 = cpu_seconds(pids)
             rows[name] = {"cpu_per_request_us": (cpu1 - cpu0) / args.requests * 1e6,
                           "cpu_per_event_us": (cpu2 - cpu1) / (args.stream_requests * 65) * 1e6,
                           "latency": pct([lat for lat, _ in plain])}
     with fakes(0.02) as urls:
-        ttfe_load = partial(load, requests=256, concurrency=args.first_event_concurrency, stream=True, tokens=16)
+        ttfe_load = partial(traffic, requests=256, concurrency=args.first_event_concurrency, stream=True, tokens=16)
         direct_ttfe = asyncio.run(ttfe_load(urls))
         for name, start in proxies:
             with running(start, urls) as (url, _):
@@ -225,7 +238,7 @@ def main() -> None:
     t50, t99 = pct([first for _, first in direct_ttfe])
     print(f"\n{args.requests} non-streamed + {args.stream_requests} streamed (64 events) requests, "
           f"{args.concurrency} concurrent clients, 4 zero-delay fake engines, proxy pinned to one core; "
-          f"sglang-gw policy {args.policy}")
+          f"sglang-gw policy {args.policy}; prompts of {len(prompts(args.prompt_bytes)[0])} bytes")
     print(f"direct to the engines: latency p50 {d50:.2f} ms p99 {d99:.2f} ms; "
           f"time to first event (20 ms/token, {args.first_event_concurrency} streams at once) p50 {t50:.1f} ms "
           f"p99 {t99:.1f} ms")

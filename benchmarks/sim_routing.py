@@ -70,7 +70,7 @@ class TrueCaches(PrefixIndex):
         super().__init__(BLOCK_TOKENS * TOKEN_BYTES, 1 << 40)
         self.engines = engines
 
-    def match(self, chain: list[bytes], worker: str) -> int:
+    def match(self, chain: list[int], worker: str) -> int:
         return self.engines[worker].cache.match(chain, "kv")
 
 

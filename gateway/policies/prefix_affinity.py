@@ -64,7 +64,7 @@ class PrefixAffinity(RoutingPolicy):
         best = max(matched.values())
         return best if best >= self.min_match_ratio * request.text_bytes else 0
 
-    def _record(self, chain: list[bytes], worker: Worker, reason: str, matched: int,
+    def _record(self, chain: list[int], worker: Worker, reason: str, matched: int,
                 request: RouteRequest) -> Decision:
         self.index.insert(chain, worker.name)
         # A batch's text is only what its prompts share: its engine reports tokens of them all.
