@@ -38,16 +38,22 @@ class PrefixIndex:
         return hashes
 
     def match(self, chain: list[int], worker: str) -> int:
-        """Bytes of the prefix (whole blocks) that `worker` was already sent."""
+        """Bytes of the prefix (whole blocks) that `worker` was already sent.
+
+        A binary search: the blocks of `chain` that a worker holds are a leading run of it (a block is
+        never evicted before a deeper block of the same prefix, see above), so a 64-block prompt takes
+        ~6 lookups per worker instead of up to 64."""
         blocks = self._blocks.get(worker)
         if not blocks:
             return 0
-        n = 0
-        for h in chain:
-            if h not in blocks:
-                break
-            n += 1
-        return n * self.block_size
+        held, absent = 0, len(chain)  # chain[:held] is held; chain[absent:] is not
+        while held < absent:
+            middle = (held + absent + 1) // 2
+            if chain[middle - 1] in blocks:
+                held = middle
+            else:
+                absent = middle - 1
+        return held * self.block_size
 
     def insert(self, chain: list[int], worker: str) -> None:
         """Record that worker was sent this prefix; refreshes it and evicts the least recently sent."""

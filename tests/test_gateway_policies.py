@@ -49,6 +49,24 @@ def test_prefix_index_is_bounded_and_evicts_deepest_blocks_first():
     assert all(h in index._blocks["w"] for h in chain[:matched_blocks])
 
 
+def test_prefix_index_match_is_the_leading_run_of_held_blocks_under_eviction():
+    """match's binary search relies on a worker's held blocks of any chain being a leading run: checked
+    against a walk of the chain, over prompts that share prefixes and an index that keeps evicting."""
+    rng = random.Random(7)
+    index = PrefixIndex(block_size=8, max_bytes_per_worker=8 * 40)
+    trunks = [_text(rng, 8 * rng.randint(1, 6)) for _ in range(6)]
+    prompts = []
+    for _ in range(400):
+        prompt = rng.choice(trunks) + _text(rng, rng.randint(0, 8 * 8))
+        prompts.append(prompt)
+        index.insert(index.chain(prompt), "w")
+        index.check()
+        for probe in rng.sample(prompts, min(5, len(prompts))) + [prompt + _text(rng, 20)]:
+            chain = index.chain(probe)
+            walked = next((i for i, h in enumerate(chain) if h not in index._blocks["w"]), len(chain))
+            assert index.match(chain, "w") == walked * 8
+
+
 def test_round_robin_least_conn_power_of_two():
     workers = _workers(3)
     rr = create_policy("round_robin")
