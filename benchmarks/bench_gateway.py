@@ -94,6 +94,16 @@ def start_router(urls: list[str], core: int, workdir: Path, python: str) -> tupl
     return proc, url, [proc.pid, *children(proc.pid)]
 
 
+def start_floor(urls: list[str], core: int, workdir: Path) -> tuple[subprocess.Popen, str, list[int]]:
+    """benchmarks/floor_proxy.py: aiohttp and our upstream client forwarding, nothing else."""
+    port = free_port()
+    proc = subprocess.Popen(["taskset", "-c", str(core), sys.executable, str(Path(__file__).with_name("floor_proxy.py")),
+                             str(port), *urls], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    wait_http(url + "/health")
+    return proc, url, [proc.pid]
+
+
 def start_nginx(urls: list[str], core: int, workdir: Path) -> tuple[subprocess.Popen, str, list[int]]:
     port = free_port()
     upstreams = "\n".join(f"    server {u.removeprefix('http://')};" for u in urls)
@@ -182,6 +192,8 @@ def main() -> None:
     ap.add_argument("--policy", default="least_conn", help="sglang-gw's routing policy")
     ap.add_argument("--prompt-bytes", type=int, default=2,
                     help="prompt size: 2 is \"hi\"; more is 16 tenants' prompts of that size, in turn")
+    ap.add_argument("--floor", action="store_true",
+                    help="adds benchmarks/floor_proxy.py: aiohttp and our upstream client forwarding, nothing else")
     ap.add_argument("--router-python", help="an interpreter with sglang-router installed: adds SGLang's router")
     args = ap.parse_args()
     traffic = partial(load, prompt_bytes=args.prompt_bytes)
@@ -194,6 +206,8 @@ def main() -> None:
     proxies = [("sglang-gw", lambda *a: start_gateway(*a, args.policy)), ("nginx", start_nginx)]
     if args.router_python:
         proxies.append(("sgl-router", lambda *a: start_router(*a, args.router_python)))
+    if args.floor:
+        proxies.append(("floor", start_floor))
 
     @contextlib.contextmanager
     def running(start, urls):
