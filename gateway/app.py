@@ -255,7 +255,6 @@ class Gateway:
         worker = self._worker(name)
         self.workers.remove(worker)  # in-flight requests hold their own reference and finish
         self.policy.forget(worker)
-        self.metrics.forget(worker.name)
         log.info("gateway.worker_removed", worker=worker.name, inflight=worker.inflight)
         return worker
 
@@ -352,6 +351,25 @@ class Gateway:
     # ---- the request path ---------------------------------------------------------------------------
 
     async def proxy(self, request: web.Request) -> web.StreamResponse:
+        """A proxied request, counted by the status the client gets: the engine's, or the gateway's own
+        refusal (queue full, no worker ready, every attempt failed, bad input: raised as APIError)."""
+        started = time.perf_counter()
+        status = 500  # an unexpected exception: the error middleware answers it with a 500
+        try:
+            response = await self._proxy(request, started)
+            status = response.status
+            return response
+        except (APIError, web.HTTPException) as exc:  # aiohttp's own: a body over the size limit (413)
+            status = exc.status
+            raise
+        except asyncio.CancelledError:
+            status = 499  # nginx's "client closed request"
+            raise
+        finally:
+            self.metrics.latency_by[request.path,].observe(time.perf_counter() - started)
+            self.metrics.responses_by[request.path, str(status)].inc()
+
+    async def _proxy(self, request: web.Request, started: float) -> web.StreamResponse:
         request_id = request.headers.get("x-request-id") or next(self._request_ids)
         if not self.admitting:
             raise APIError(503, "the server is shutting down", code="shutting_down", headers={"Retry-After": "5"})
@@ -361,15 +379,12 @@ class Gateway:
         if not isinstance(body, dict):
             raise bad_request("the request body must be a JSON object", None, "invalid_json")
         model = _requested_model(request.path, body)
-        started = time.perf_counter()
         try:
             with self.auth.admit(key, model):
                 return await self._route(request, request_id, body, model, raw, started)
         except asyncio.CancelledError:  # the client went away (its handler is cancelled): a normal ending
             self._client_left(request_id)
             raise
-        finally:
-            self.metrics.latency_by[request.path,].observe(time.perf_counter() - started)
 
     def _client_left(self, request_id: str) -> None:
         self.metrics.client_disconnects.inc()
@@ -644,11 +659,13 @@ class Gateway:
         return self._workers_response()
 
     def _workers_response(self) -> web.Response:
-        return web.json_response({"workers": [
-            {"name": w.name, "url": w.url, "origin": w.origin, "state": w.health.state.value,
-             "breaker": w.health.breaker.value, "draining": w.health.draining, "inflight": w.inflight,
-             "models": sorted(w.models), "prefix_bytes": self.policy.tracked_bytes(w)}
-            for w in self.workers]})
+        return web.json_response({"workers": [self.describe_worker(w) for w in self.workers]})
+
+    def describe_worker(self, w: GatewayWorker) -> dict:
+        """A worker as /workers (and the status page) shows it."""
+        return {"name": w.name, "url": w.url, "origin": w.origin, "state": w.health.state.value,
+                "breaker": w.health.breaker.value, "draining": w.health.draining, "inflight": w.inflight,
+                "models": sorted(w.models), "prefix_bytes": self.policy.tracked_bytes(w)}
 
     # ---- SGLang's control endpoints, answered for the fleet ---------------------------------------
 

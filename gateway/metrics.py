@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from .health import Breaker, State
@@ -28,8 +26,12 @@ _BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120
 class GatewayMetrics:
     def __init__(self):
         self.registry = r = CollectorRegistry()
-        self.requests = Counter("sglang_gw_requests", "requests by path, status and worker",
+        self.requests = Counter("sglang_gw_requests", "worker answers relayed, by path, status and worker",
                                 ["path", "status", "worker"], registry=r)
+        self.responses = Counter("sglang_gw_responses", "proxied requests by path and the status the client got: "
+                                 "the engine's, or the gateway's own refusal (queue full, no worker ready, every "
+                                 "attempt failed, bad input); 499 when the client left first", ["path", "status"],
+                                 registry=r)
         self.latency = Histogram("sglang_gw_request_seconds", "request duration at the gateway", ["path"],
                                  buckets=_BUCKETS, registry=r)
         self.ttfb = Histogram("sglang_gw_time_to_first_byte_seconds", "time to the first relayed response byte",
@@ -68,28 +70,23 @@ class GatewayMetrics:
         self.worker_breaker = Gauge("sglang_gw_worker_breaker", "1 for the state of the worker's circuit breaker",
                                     ["worker", "state"], registry=r)
         # The request path's metrics, by label values.
-        (self.requests_by, self.latency_by, self.ttfb_by, self.decisions_by, self.reported_cached_by,
-         self.predicted_cached_by) = map(Children, (self.requests, self.latency, self.ttfb, self.decisions,
-                                                    self.reported_cached, self.predicted_cached))
+        (self.requests_by, self.responses_by, self.latency_by, self.ttfb_by, self.decisions_by,
+         self.reported_cached_by, self.predicted_cached_by) = map(Children, (
+            self.requests, self.responses, self.latency, self.ttfb, self.decisions, self.reported_cached,
+            self.predicted_cached))
         self.prefix_index_bytes = Gauge("sglang_gw_prefix_index_bytes", "text bytes tracked per worker",
                                         ["worker"], registry=r)
 
-    def forget(self, worker: str) -> None:
-        """A removed worker's gauges go, so that sums over workers (an autoscaler's) count only the fleet;
-        its counters stay: they are history, and rate() ends with them."""
-        for gauge in (self.inflight, self.prefix_index_bytes, self.cache_distrusted, self.cache_payoff,
-                      self.bytes_per_token):
-            with contextlib.suppress(KeyError):
-                gauge.remove(worker)
-        for gauge, states in ((self.worker_state, State), (self.worker_breaker, Breaker)):
-            for state in states:
-                with contextlib.suppress(KeyError):
-                    gauge.remove(worker, state.value)
-
     def render(self, workers, policy, sessions, cache_ledger, queued: int) -> bytes:
+        """The exposition, with the gauges set from the fleet now. The per-worker gauges are rebuilt from
+        `workers` alone, so a removed worker's go and sums over workers (an autoscaler's) count only the
+        fleet; its counters stay: they are history, and rate() ends with them."""
         self.sessions.set(len(sessions))
         self.queued.set(queued)
         distrusted = cache_ledger.distrusted()
+        for gauge in (self.inflight, self.worker_state, self.worker_breaker, self.prefix_index_bytes,
+                      self.cache_distrusted, self.cache_payoff, self.bytes_per_token):
+            gauge.clear()
         for w in workers:
             self.inflight.labels(w.name).set(w.inflight)
             for state in State:

@@ -189,9 +189,10 @@ class StatusPage:
     def snapshot(self) -> dict:
         g = self.gateway
         attempts, span = self.window.current()
-        answered = [a.ttfb_s for a in attempts if a.ttfb_s is not None]
+        answered = sorted(a.ttfb_s for a in attempts if a.ttfb_s is not None)
         engines = {e["name"]: e for e in self.local_engines()}
-        workers = [self._worker(w, engines.get(w.name, {})) for w in g.workers]
+        distrusted = g.cache_ledger.distrusted()
+        workers = [self._worker(w, engines.get(w.name, {}), distrusted) for w in g.workers]
         rates = [w["tokens_per_s"] for w in workers if w["tokens_per_s"] is not None]
         routes: dict[str, int] = {}
         for a in attempts:
@@ -219,18 +220,16 @@ class StatusPage:
             "errors": [_attempt_row(a) for a in reversed(self.errors)],
         }
 
-    def _worker(self, w: GatewayWorker, engine: dict) -> dict:
-        """One worker's row: the gateway's view, the supervisor's (`engine`, empty for a worker that is
-        not a local engine) and the engine's own figures."""
+    def _worker(self, w: GatewayWorker, engine: dict, distrusted: frozenset[str]) -> dict:
+        """One worker's row: the gateway's view (as /workers gives it), the supervisor's (`engine`, empty
+        for a worker that is not a local engine) and the engine's own figures."""
         g = self.gateway
         return {
-            "name": w.name, "url": w.url, "origin": w.origin, "models": sorted(w.models),
-            "state": w.health.state.value, "breaker": w.health.breaker.value, "draining": w.health.draining,
-            "routable": w.routable, "inflight": w.inflight,
+            **g.describe_worker(w), "routable": w.routable,
             "phase": engine.get("phase"), "restarts": engine.get("restarts"), "pid": engine.get("pid"),
             "last_exit": engine.get("last_exit"),
             "prediction_payoff": g.cache_ledger.payoff(w.name),
-            "prediction_distrusted": w.name in g.cache_ledger.distrusted(),
+            "prediction_distrusted": w.name in distrusted,
             **self.engines.get(w.name, EngineSamples()).figures(),
         }
 
@@ -274,9 +273,8 @@ def _ratio(part: float | None, whole: float | None) -> float | None:
     return part / whole if part is not None and whole else None
 
 
-def _percentile(values: list[float], q: float) -> float | None:
-    """The nearest-rank percentile; None of nothing."""
-    if not values:
+def _percentile(ordered: list[float], q: float) -> float | None:
+    """The nearest-rank percentile of sorted values; None of nothing."""
+    if not ordered:
         return None
-    ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]

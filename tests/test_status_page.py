@@ -199,3 +199,73 @@ def test_page_shows_an_engine_go_down_and_come_back_without_a_reload(serve, brow
     resources = browser.execute_script("return performance.getEntriesByType('resource').map((r) => r.name)")
     assert resources and all(r.startswith(origin) for r in resources), resources
     assert _low_contrast(browser) == []
+
+
+# ---- the document's arithmetic, without a browser or engines --------------------------------------------
+
+class Clock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _exposition(generated: float, prompt: float, cached: float | None = None) -> str:
+    lines = ['sglang:num_running_reqs{model_name="m"} 2', f'sglang:generation_tokens_total{{model_name="m"}} {generated}',
+             f'sglang:prompt_tokens_total{{model_name="m"}} {prompt}']
+    if cached is not None:  # a labelled counter has no sample until its first count
+        lines.append(f'sglang:cached_tokens_total{{model_name="m"}} {cached}')
+    return "\n".join(lines) + "\n"
+
+
+def test_engine_rates_span_the_window_and_restart_with_a_new_process():
+    from sglang_gw.gateway.app import Reply
+    from sglang_gw.gateway.status import EngineSamples
+
+    clock = Clock()
+    samples = EngineSamples(clock)
+    samples.read(Reply(200, _exposition(100, 50)))  # no cached tokens yet: absent counts as zero
+    assert samples.figures()["tokens_per_s"] is None  # one sample: no rate yet
+    clock.now = 10
+    samples.read(Reply(200, _exposition(200, 150, cached=60)))
+    figures = samples.figures()
+    assert figures["running"] == 2 and figures["tokens_per_s"] == 10 and figures["cache_hit_rate"] == 0.6
+    clock.now = 12
+    samples.read(Reply(200, _exposition(5, 3)))  # counters went back: a new engine process
+    assert samples.figures()["tokens_per_s"] is None
+    samples.read(Reply(None, "connect: refused"))
+    assert samples.figures()["load_error"] == "connect: refused"
+
+
+def test_window_spans_its_newest_values_once_over_its_limit():
+    from sglang_gw.gateway.status import Window
+
+    clock = Clock()
+    window = Window(seconds=60, limit=3, clock=clock)
+    for t in range(1, 3):
+        clock.now = t
+        window.add(t)
+    clock.now = 5
+    assert window.current() == ([1, 2], 5)  # under the limit: since the start
+    for t in range(5, 8):
+        clock.now = t
+        window.add(t)
+    assert window.current() == ([5, 6, 7], 2)  # over it: the span of what is kept
+    clock.now = 70
+    assert window.current() == ([], 60)  # all aged out: the whole window, with nothing in it
+
+
+def test_failed_attempts_are_the_pages_errors_and_error_rate():
+    from sglang_gw.gateway.app import Gateway, Outcome
+    from sglang_gw.gateway.policies import Decision
+
+    gateway = Gateway(parse_config({"workers": [{"url": "http://127.0.0.1:9", "name": "a"}]}))
+    decision = Decision(gateway.workers[0], "miss")
+    started = time.perf_counter()
+    gateway.status.attempted("/generate", Outcome(decision, "miss", failure="connect: refused"), started)
+    gateway.status.attempted("/generate", Outcome(decision, "retry", 503, failure="status 503"), started)
+    doc = gateway.status.snapshot()
+    assert [(e["route"], e["status"], e["why"], e["failed"]) for e in doc["errors"]] == [
+        ("retry", 503, "status 503", True), ("miss", None, "connect: refused", True)]
+    assert len(doc["decisions"]) == 2 and doc["fleet"]["errors_per_s"] > 0 and doc["fleet"]["answers_per_s"] == 0

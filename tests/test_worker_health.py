@@ -207,6 +207,30 @@ def test_metrics_export_every_state_and_breaker_position():
         assert f'sglang_gw_worker_breaker{{state="{position.value}",worker="a"}} {expected}' in text
 
 
+def test_responses_count_the_gateways_own_refusals_by_status():
+    """No engine answers these, so sglang_gw_requests_total never sees them; the error alert reads
+    sglang_gw_responses_total, which must."""
+    import asyncio
+
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from sglang_gw.gateway.app import Gateway
+
+    gateway = Gateway(parse_config({"workers": [{"url": "http://127.0.0.1:9", "name": "a"}]}))
+
+    async def go():
+        async with TestClient(TestServer(gateway.app)) as client:
+            refused = await client.post("/generate", json={"text": "hi"})  # no worker is ready
+            malformed = await client.post("/generate", data=b"{")
+            return refused.status, malformed.status
+
+    assert asyncio.run(go()) == (503, 400)
+    text = gateway.metrics_text().decode()
+    assert 'sglang_gw_responses_total{path="/generate",status="503"} 1.0' in text
+    assert 'sglang_gw_responses_total{path="/generate",status="400"} 1.0' in text
+    assert "sglang_gw_requests_total{" not in text  # no worker answered
+
+
 def test_a_removed_workers_gauges_go_and_its_counters_stay():
     """An autoscaler sums sglang_gw_inflight_requests over workers: a removed one must not count."""
     from sglang_gw.gateway.app import Gateway
@@ -214,8 +238,9 @@ def test_a_removed_workers_gauges_go_and_its_counters_stay():
     gateway = Gateway(parse_config({"workers": [{"url": "http://127.0.0.1:9", "name": "a"},
                                                 {"url": "http://127.0.0.1:10", "name": "b"}]}))
     gateway.metrics.requests_by["/generate", "200", "a"].inc()
+    gateway.queued = 3
     before = gateway.metrics_text().decode()
-    assert 'sglang_gw_inflight_requests{worker="a"}' in before and "sglang_gw_queued_requests 0.0" in before
+    assert 'sglang_gw_inflight_requests{worker="a"}' in before and "sglang_gw_queued_requests 3.0" in before
     gateway.remove_worker("a")
     after = gateway.metrics_text().decode()
     left = {line.split("{")[0] for line in after.splitlines() if 'worker="a"' in line}

@@ -134,9 +134,13 @@
     $("fleet").replaceChildren(...tiles.map(([name, value]) => el("div", {}, el("dt", {}, name), el("dd", {}, value))));
   }
 
+  function stateName(w) {
+    return w.draining && w.state === "ready" ? "draining" : w.state; // a drained worker is still "ready"
+  }
+
   function stateBadge(w) {
-    if (w.draining && w.state === "ready") return badge("draining", "hold");
-    return badge(w.state, w.state);
+    const name = stateName(w);
+    return badge(name, name === "draining" ? "hold" : name);
   }
 
   function phaseBadge(phase) {
@@ -147,7 +151,7 @@
 
   function renderEngines(workers, now) {
     const rows = workers.map((w) => {
-      const label = `${w.draining && w.state === "ready" ? "draining" : w.state}${w.phase ? ` (${w.phase})` : ""}`;
+      const label = `${stateName(w)}${w.phase ? ` (${w.phase})` : ""}`;
       const before = seen.get(w.name);
       if (before && before.label !== label) {
         event(now, `${w.name}: ${before.label} → ${label}`);
