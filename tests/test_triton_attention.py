@@ -144,10 +144,10 @@ def test_store_kv_writes_each_new_token_into_its_slot():
     k, v = (part.view(3, 2, HEAD_DIM) for part in qkv.split(2 * HEAD_DIM, dim=-1)[1:])
     slots = torch.tensor([5, 1, 8], device=DEVICE)
     untouched = [s for s in range(paged.k.shape[0]) if s not in (1, 5, 8)]
-    before = paged.k[untouched].clone()
+    before_k, before_v = paged.k[untouched].clone(), paged.v[untouched].clone()
     triton_kernels.store_kv(k, v, paged.k, paged.v, slots)
     assert torch.equal(paged.k[slots], k) and torch.equal(paged.v[slots], v)
-    assert torch.equal(paged.k[untouched], before)
+    assert torch.equal(paged.k[untouched], before_k) and torch.equal(paged.v[untouched], before_v)
 
 
 class ReplayedEagerly(GraphedModel):
