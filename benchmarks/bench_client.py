@@ -15,21 +15,14 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import uvloop
 
+from sglang_gw.bench import fake_server
 from sglang_gw.bench.report import summarize
 from sglang_gw.bench.runner import BenchConfig, Load, run_bench
 from sglang_gw.bench.workloads import LengthRange, RandomWorkload
-from sglang_gw.testing import free_port, stop_process, wait_http
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+from sglang_gw.testing import cpu_seconds, stop_process
 
 
 def main() -> None:
@@ -40,15 +33,10 @@ def main() -> None:
     args = ap.parse_args()
 
     cores = sorted(os.sched_getaffinity(0))
-    port = free_port()
-    pin = ["taskset", "-c", str(cores[-1])] if len(cores) > 1 else []
-    server = subprocess.Popen([*pin, sys.executable, "-m", "sglang_gw.bench.fake_server", "--port", str(port)],
-                              stdout=subprocess.DEVNULL)
+    server, url = fake_server.spawn(core=cores[-1] if len(cores) > 1 else None)
     if len(cores) > 1:
         os.sched_setaffinity(0, cores[:-1])  # the client on the other cores
-    url = f"http://127.0.0.1:{port}"
     try:
-        wait_http(url + "/health", server)
         workload = RandomWorkload(num_requests=args.requests, input_len=LengthRange(32, 32),
                                   output_len=LengthRange(args.tokens, args.tokens))
         print(f"{args.requests} requests x {args.tokens} tokens, concurrency {args.concurrency}; client on cores "
@@ -59,9 +47,9 @@ def main() -> None:
             for stream in (True, False):
                 config = BenchConfig(url=url, workload=workload, load=Load(concurrency=args.concurrency),
                                      backend=backend, model="fake", stream=stream)
-                server_before = cpu_seconds(server.pid)
+                server_before = cpu_seconds([server.pid])
                 result = summarize(config, uvloop.run(run_bench(config, progress=False)))  # as the CLI runs it
-                server_ms = 1000 * (cpu_seconds(server.pid) - server_before) / args.requests
+                server_ms = 1000 * (cpu_seconds([server.pid]) - server_before) / args.requests
                 assert result["requests"]["errors"] == 0, result["error_examples"]
                 chunks = result["throughput"]["output_tokens_per_s"] if stream else 0
                 print(f"{backend:20}{'yes' if stream else 'no':>8}{result['throughput']['requests_per_s']:>10,.0f}"

@@ -88,7 +88,12 @@ def bench(url: str, name: str, key: str, args) -> dict:
     load_of, at_once = workload(key, args)
     config = BenchConfig(url=url, workload=load_of, load=Load(concurrency=at_once), backend="openai-completions",
                          temperature=0.0, seed=args.seed, label=name)
-    return summarize(config, uvloop.run(run_bench(config)))
+    result = summarize(config, uvloop.run(run_bench(config)))
+    if result["requests"]["errors"]:  # figures over only the requests that completed would mislead
+        kind, detail = next(iter(result["error_examples"].items()))
+        sys.exit(f"{name}, ({key}) {WORKLOADS[key]}: {result['requests']['errors']} requests failed; "
+                 f"first {kind}: {detail}")
+    return result
 
 
 def spawn_ours(args) -> tuple[subprocess.Popen, str, float, str]:
@@ -142,9 +147,12 @@ def main() -> None:
     results: dict = {"config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
                      "servers": {name: {"url": url} for name, url in servers.items()}, "workloads": {}}
     try:
+        warm_up = RandomWorkload(1, LengthRange(4, 4), LengthRange(4, 4))
         for name, url in servers.items():  # warm-up: one short request each
-            uvloop.run(run_bench(BenchConfig(url=url, workload=RandomWorkload(1, LengthRange(4, 4), LengthRange(4, 4)),
-                                             load=Load(concurrency=1), backend="openai-completions"), progress=False))
+            run = uvloop.run(run_bench(BenchConfig(url=url, workload=warm_up, load=Load(concurrency=1),
+                                                   backend="openai-completions"), progress=False))
+            if failed := [r for r in run.results if r.error is not None]:
+                sys.exit(f"{name}: the warm-up request failed: {failed[0].error}: {failed[0].error_detail}")
         for key in keys:
             rows = {}
             for name, url in servers.items():

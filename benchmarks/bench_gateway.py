@@ -33,7 +33,8 @@ from pathlib import Path
 import aiohttp
 import yaml
 
-from sglang_gw.testing import free_port, wait_http
+from sglang_gw.bench import fake_server
+from sglang_gw.testing import cpu_seconds, free_port, wait_http
 
 
 MODEL = "fake"  # the fake server's one model
@@ -41,31 +42,15 @@ MODEL = "fake"  # the fake server's one model
 
 # ---- processes ---------------------------------------------------------------------------------------
 
-def cpu_seconds(pids: list[int]) -> float:
-    total = 0
-    for pid in pids:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        total += int(fields[11]) + int(fields[12])  # utime + stime
-    return total / os.sysconf("SC_CLK_TCK")
-
-
 def children(pid: int) -> list[int]:
     out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
     return [int(p) for p in out]
 
 
 def start_fakes(n: int, token_delay: float, core: int) -> tuple[list[subprocess.Popen], list[str]]:
-    procs, urls = [], []
-    for _ in range(n):
-        port = free_port()
-        # sglang-gw bench's fake server: each token (the first included) token_delay after the last.
-        procs.append(subprocess.Popen(["taskset", "-c", str(core), sys.executable, "-m", "sglang_gw.bench.fake_server",
-                                       "--port", str(port), "--ttft", str(token_delay), "--itl", str(token_delay)],
-                                      stdout=subprocess.DEVNULL))
-        urls.append(f"http://127.0.0.1:{port}")
-    for url in urls:
-        wait_http(url + "/health")
-    return procs, urls
+    # sglang-gw bench's fake server: each token (the first included) token_delay after the last.
+    spawned = [fake_server.spawn(token_delay, token_delay, core) for _ in range(n)]
+    return [proc for proc, _ in spawned], [url for _, url in spawned]
 
 
 def start_gateway(urls: list[str], core: int, workdir: Path, policy: str) -> tuple[subprocess.Popen, str, list[int]]:

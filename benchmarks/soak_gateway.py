@@ -28,7 +28,9 @@ from pathlib import Path
 
 import aiohttp
 
-from bench_gateway import MODEL, cpu_seconds, start_fakes, start_gateway
+from bench_gateway import MODEL, start_fakes, start_gateway
+
+from sglang_gw.testing import cpu_seconds
 
 
 def rss_kib(pid: int) -> int:

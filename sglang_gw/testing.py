@@ -1,8 +1,10 @@
-"""Helpers shared by the tests and the benchmarks: free ports, waiting for a server, reading SSE lines."""
+"""Helpers shared by the tests and the benchmarks: free ports, waiting for a server, reading SSE lines,
+a process's CPU time."""
 
 from __future__ import annotations
 
 import json
+import os
 import random
 import socket
 import subprocess
@@ -95,6 +97,15 @@ def stop_process(proc: subprocess.Popen, timeout: float = 60) -> int:
             proc.kill()
             proc.wait()
     return proc.returncode
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """The CPU seconds (user + system) the processes have spent so far, from /proc."""
+    total = 0
+    for pid in pids:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])  # utime + stime
+    return total / os.sysconf("SC_CLK_TCK")
 
 
 def log_events(text: str) -> list[dict]:

@@ -26,12 +26,16 @@ class RequestResult:
     end: float                        # when the answer ended (or failed)
     error: str | None                 # the kind (http_503, timeout, connect, ...); None: completed
     error_detail: str = ""
-    ttft: float | None = None         # seconds to the first chunk with output (streaming only)
     chunk_times: tuple[float, ...] = ()   # arrival of each chunk with output (streaming only)
     prompt_tokens: int | None = None  # as reported
     output_tokens: int = 0            # as reported, else chunks with output
     cached_tokens: int | None = None  # as reported
     text: str = ""                    # the answer (the next turn of a conversation carries it)
+
+    @property
+    def ttft(self) -> float | None:
+        """Seconds to the first chunk with output (streaming only)."""
+        return self.chunk_times[0] - self.start if self.chunk_times else None
 
 
 class _Reply:
@@ -199,7 +203,7 @@ class Client:
         error = _check_answer(session, reply, text)
         return RequestResult(
             start, end, error[0] if error else None, error[1] if error else "",
-            ttft=times[0] - start if times else None, chunk_times=tuple(times), prompt_tokens=reply.prompt_tokens,
+            chunk_times=tuple(times), prompt_tokens=reply.prompt_tokens,
             output_tokens=reply.completion_tokens if reply.completion_tokens is not None else len(times),
             cached_tokens=reply.cached_tokens, text=text)
 

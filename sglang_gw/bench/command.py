@@ -138,10 +138,11 @@ def _config(args: argparse.Namespace, error):
             error(f"{flag}: {path.parent} is not a directory")
     if args.png is not None and importlib.util.find_spec("matplotlib") is None:
         error("--png: needs matplotlib (pip install 'sglang-gw[bench]')")
-    if args.max_concurrency is not None and args.request_rate is None:
-        error("--max-concurrency: only with --request-rate (a closed loop's --concurrency is its limit)")
-    load = Load(concurrency=None if args.request_rate is not None else args.concurrency or 8,
-                request_rate=args.request_rate, max_concurrency=args.max_concurrency)
+    try:
+        load = Load(concurrency=None if args.request_rate is not None else args.concurrency or 8,
+                    request_rate=args.request_rate, max_concurrency=args.max_concurrency)
+    except ValueError as exc:  # Load's rules: with one of --concurrency and --request-rate, only this one can fail
+        error(f"--max-concurrency: {exc}")
     return BenchConfig(url=args.url, workload=workload_class(**given), load=load, backend=args.backend,
                        model=args.model, api_key=args.api_key, stream=args.stream, seed=args.seed,
                        timeout_s=args.timeout, temperature=args.temperature, label=args.label)

@@ -11,11 +11,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import subprocess
+import sys
 import time
 
 from aiohttp import web
 
 from sglang_gw.serving import listening
+from sglang_gw.testing import free_port, stop_process, wait_http
 
 TOKEN = "tok "
 
@@ -111,6 +114,21 @@ async def serve(host: str, port: int, ttft: float, itl: float) -> None:
     async with listening(FakeServer(ttft, itl).app(), host, port) as stop:
         print(f"fake server on http://{host}:{port} (ttft {ttft} s, itl {itl} s)", flush=True)
         await stop.wait()
+
+
+def spawn(ttft: float = 0.0, itl: float = 0.0, core: int | None = None) -> tuple[subprocess.Popen, str]:
+    """(process, URL) of a fake server on a free port, answering /health; pinned to `core` when given."""
+    port = free_port()
+    pin = ["taskset", "-c", str(core)] if core is not None else []
+    proc = subprocess.Popen([*pin, sys.executable, "-m", "sglang_gw.bench.fake_server", "--port", str(port),
+                             "--ttft", str(ttft), "--itl", str(itl)], stdout=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_http(url + "/health", proc, timeout=30)
+    except BaseException:
+        stop_process(proc)
+        raise
+    return proc, url
 
 
 def main() -> None:

@@ -31,7 +31,8 @@ class Load:
         if (self.concurrency is None) == (self.request_rate is None):
             raise ValueError("give either concurrency (closed loop) or request_rate (open loop)")
         if self.max_concurrency is not None and self.request_rate is None:
-            raise ValueError("max_concurrency caps an open loop (request_rate)")
+            raise ValueError("max_concurrency caps an open loop (request_rate); a closed loop's concurrency is "
+                             "its limit")
 
 
 @dataclass(frozen=True)
