@@ -53,10 +53,11 @@ def start_fakes(n: int, token_delay: float, core: int) -> tuple[list[subprocess.
     return [proc for proc, _ in spawned], [url for _, url in spawned]
 
 
-def start_gateway(urls: list[str], core: int, workdir: Path, policy: str) -> tuple[subprocess.Popen, str, list[int]]:
+def start_gateway(urls: list[str], core: int, workdir: Path, policy: str,
+                  processes: int = 1) -> tuple[subprocess.Popen, str, list[int]]:
     port = free_port()
     config = {"port": port, "workers": [{"url": u} for u in urls], "policy": {"name": policy},
-              "health": {"interval": 5.0}}
+              "health": {"interval": 5.0}, "processes": processes}
     path = workdir / "gateway.yaml"
     path.write_text(yaml.safe_dump(config))
     proc = subprocess.Popen(["taskset", "-c", str(core), sys.executable, "-m", "sglang_gw.cli", "gateway",
@@ -64,7 +65,7 @@ def start_gateway(urls: list[str], core: int, workdir: Path, policy: str) -> tup
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     wait_http(url + "/ready")
-    return proc, url, [proc.pid]
+    return proc, url, [proc.pid, *children(proc.pid)]  # the gateway process first, then its relays
 
 
 def start_router(urls: list[str], core: int, workdir: Path, python: str) -> tuple[subprocess.Popen, str, list[int]]:
@@ -180,6 +181,9 @@ def main() -> None:
     ap.add_argument("--floor", action="store_true",
                     help="adds benchmarks/floor_proxy.py: aiohttp and our upstream client forwarding, nothing else")
     ap.add_argument("--router-python", help="an interpreter with sglang-router installed: adds SGLang's router")
+    ap.add_argument("--processes", type=int, default=1,
+                    help="more than 1 adds sglang-gw with that many relay processes (gateway.processes), on the "
+                         "same one core: its CPU per request, and the gateway process's share of it")
     args = ap.parse_args()
     traffic = partial(load, prompt_bytes=args.prompt_bytes)
     if shutil.which("nginx") is None:
@@ -193,6 +197,8 @@ def main() -> None:
         proxies.append(("sgl-router", lambda *a: start_router(*a, args.router_python)))
     if args.floor:
         proxies.append(("floor", start_floor))
+    if args.processes > 1:
+        proxies.append((f"gw-x{args.processes}", lambda *a: start_gateway(*a, args.policy, args.processes)))
 
     @contextlib.contextmanager
     def running(start, urls):
@@ -218,12 +224,13 @@ def main() -> None:
         for name, start in proxies:
             with running(start, urls) as (url, pids):
                 asyncio.run(traffic(url, 200, args.concurrency, False))  # warm-up: connections, caches
-                cpu0 = cpu_seconds(pids)
+                cpu0, main0 = cpu_seconds(pids), cpu_seconds(pids[:1])
                 plain = asyncio.run(traffic(url, args.requests, args.concurrency, False))
-                cpu1 = cpu_seconds(pids)
+                cpu1, main1 = cpu_seconds(pids), cpu_seconds(pids[:1])
                 asyncio.run(traffic(url, args.stream_requests, args.concurrency, True))
                 cpu2 = cpu_seconds(pids)
             rows[name] = {"cpu_per_request_us": (cpu1 - cpu0) / args.requests * 1e6,
+                          "main_cpu_per_request_us": (main1 - main0) / args.requests * 1e6,
                           "cpu_per_event_us": (cpu2 - cpu1) / (args.stream_requests * 65) * 1e6,
                           "latency": pct([lat for lat, _ in plain])}
     with fakes(0.02) as urls:
@@ -247,6 +254,12 @@ def main() -> None:
         print(f"{name:10s} CPU {r['cpu_per_request_us']:.0f} us/request, {r['cpu_per_event_us']:.1f} us/SSE event; "
               f"latency p50 {l50:.2f} ms p99 {l99:.2f} ms (added vs direct: {l50 - d50:+.2f} / {l99 - d99:+.2f}); "
               f"first event p50 {f50:.1f} ms ({f50 - t50:+.1f}) p99 {f99:.1f} ms ({f99 - t99:+.1f})")
+    if args.processes > 1:
+        multi = rows[f"gw-x{args.processes}"]
+        print(f"gw-x{args.processes}: the gateway process (all routing state) {multi['main_cpu_per_request_us']:.0f} us "
+              f"of its {multi['cpu_per_request_us']:.0f} us/request, the relays the rest: with a core per process, "
+              f"up to {rows['sglang-gw']['cpu_per_request_us'] / multi['main_cpu_per_request_us']:.1f}x one "
+              f"process's requests per second before the gateway process saturates")
     g = rows["sglang-gw"]
     for peer in [name for name in rows if name != "sglang-gw"]:
         p = rows[peer]

@@ -1,12 +1,7 @@
-"""The gateway's HTTP front: one request path, top to bottom in `proxy` → `_route` → `_attempt`.
-
-parse just enough (model, the routing text) → choose a routable worker (policy) → one attempt under a
-lease of that worker's load (taken and released exactly once) → forward the original bytes
-(keep-alive pool) → a JSON answer is read whole, then sent; an event stream is relayed as it arrives,
-whole events at a time (backpressure through `write`). An attempt that fails before the client has a
-byte is retried on another worker; one that fails once generation has begun is continued on another
-worker from the tokens the client has (gateway/failover.py). Worker health is `health.WorkerHealth`:
-the gateway reports events to it.
+"""The gateway process: the fleet's routing state (workers and their health, the policy, sessions, key
+limits, the cache ledger, metrics, the status page) and its HTTP front. The proxied paths' handler is
+request_path.RequestPath, whose hooks this class answers from that state; worker health is
+`health.WorkerHealth`, which the request path reports events to.
 
 SGLang's control endpoints (`/get_model_info`, `/get_server_info`, `/flush_cache`, `/abort_request`)
 are not proxied but answered for the fleet: asked of one worker, or fanned out to all of them and
@@ -17,10 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import itertools
 import json
 import os
-import random
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -28,33 +21,30 @@ from typing import Callable
 import aiohttp
 import structlog
 from aiohttp import web
-from multidict import CIMultiDict
 
 from pydantic import ValidationError
 
-from ..serving import listening, presented_key
+from ..serving import presented_key
 from ..errors import APIError, bad_request, error_middleware, read_json
-from ..limits import INLINE_BODY_BYTES
-from ..resume import RESUMABLE_HEADER
 from ..validation import describe
 
-from .auth import Authenticator, hash_key
+from .auth import Authenticator, KeyState, hash_key
 from .config import GatewayConfig, WorkerConfig
 from .discovery import DnsDiscovery
-from .failover import NotContinued, Progress
+from .failover import Progress
 from .health import State, Trial, WorkerHealth
 from .metrics import GatewayMetrics
-from .routing_text import RoutingText, is_batch
+from .relays import Relays, serving
+from .request_path import PROXIED, Outcome, RequestPath
+from .routing_text import RoutingText
 from .sessions import Sessions
-from .upstream import Answer, Upstream, UpstreamError
-from .status import StatusPage
-from .cache_prediction import CacheLedger, Usage, answer_usage, stream_usage
+from .upstream import Upstream
+from .status import Attempt, StatusPage
+from .cache_prediction import CacheLedger, Usage
 from .policies import Decision, RouteRequest, Worker, create_policy
 
 log = structlog.get_logger(__name__)
 
-PROXIED = ("/v1/chat/completions", "/v1/completions", "/generate")
-RETRY_STATUSES = {502, 503}
 # SGLang's load figures that /get_server_info sums over the workers (the other keys are one worker's).
 SUMMED_LOAD = ("num_running_reqs", "num_queue_reqs", "num_used_tokens", "max_total_num_tokens",
                "num_retracted_reqs", "inflight_requests")
@@ -73,20 +63,6 @@ class GatewayWorker(Worker):
     @property
     def routable(self) -> bool:
         return self.health.routable
-
-
-@dataclass(slots=True)  # not frozen: made per attempt (policies/base.py says why)
-class Outcome:
-    """How one attempt ended: an answer for the client, or a failure that another worker may mend."""
-
-    decision: Decision
-    route: str  # x-sglang-gw-route: the policy's reason, or "retry"
-    status: int | None = None  # the worker's HTTP status; None when it never answered
-    response: web.StreamResponse | None = None  # None: failed before any byte reached the client
-    stream: Answer | None = None  # an event stream still to relay into `response`
-    failure: str = ""  # why the attempt failed (with no response)
-    answered_at: float = 0.0  # perf_counter() when the worker's answer began
-    usage: Usage | None = None  # what the engine reported of the prompt (JSON answers; a stream's as it ends)
 
 
 @dataclass(frozen=True)
@@ -115,8 +91,9 @@ class Reply:
         return {**(self.body if isinstance(self.body, dict) else {"message": self.body}), "status": self.status}
 
 
-class Gateway:
+class Gateway(RequestPath):
     def __init__(self, config: GatewayConfig, seed: int | None = None, supervised: frozenset[str] = frozenset()):
+        super().__init__()
         self.config = config
         # Workers named in `supervised` are the supervisor's engines: a reload or the admin API leaves them be.
         self.workers = [self._new_worker(w.name or w.url, w.url, "engine" if (w.name or w.url) in supervised
@@ -127,11 +104,9 @@ class Gateway:
         self.sessions = Sessions(config.session, on_moved=lambda why: self.metrics.session_moves.labels(why).inc())
         self.cache_ledger = CacheLedger(config.cache_prediction)
         self.routing_text = RoutingText()
-        # Ids for requests that bring none: 32 hex digits, a random prefix per process and a counter (a uuid4
-        # per request would cost a system call for randomness the id does not need).
-        self._request_ids = map("{}{:016x}".format, itertools.repeat(os.urandom(8).hex()), itertools.count())
+        self.routing_text.on_learned = self._settings_changed
+        self.relays: Relays | None = None  # the relay processes, while `processes` > 1 (relays.serving)
         self.queued = 0
-        self.admitting = True  # False once shutdown begins: new requests get 503
         # Called with (worker name, why) when a worker is found hung (health.py says on what evidence);
         # the supervisor kills and restarts its own engines from here.
         self.on_hung: Callable[[str, str], None] | None = None
@@ -194,8 +169,11 @@ class Gateway:
         return sum(w.inflight for w in self.workers)
 
     def stop_admitting(self) -> None:
-        """Shutdown: requests from now on get 503 (and /ready fails) while those in flight finish."""
+        """Shutdown: requests from now on get 503 (and /ready fails) while those in flight finish; relays
+        stop accepting connections."""
         self.admitting = False
+        if self.relays is not None:
+            self.relays.terminate()
 
     async def _probe_forever(self) -> None:
         """Rounds every interval that no slow worker holds up: a worker whose last probe is still out
@@ -282,7 +260,12 @@ class Gateway:
                 self._probe_soon(self.add_worker(name, spec.url, "config", spec.health_path))
         if config.discovery != old.discovery:
             self._set_discovery(config)
-        return [f for f in ("host", "port", "max_request_bytes") if getattr(config, f) != getattr(old, f)]
+        self._settings_changed()
+        return [f for f in ("host", "port", "max_request_bytes", "processes") if getattr(config, f) != getattr(old, f)]
+
+    def _settings_changed(self) -> None:
+        if self.relays is not None:
+            self.relays.push_settings()
 
     def _set_discovery(self, config: GatewayConfig | None) -> None:
         if self.discovery is not None:
@@ -308,10 +291,12 @@ class Gateway:
         task.add_done_callback(lambda _: self._probes.pop(worker.name, None))
 
     def _worker(self, name: str) -> GatewayWorker:
-        for w in self.workers:
-            if w.name == name:
-                return w
-        raise APIError(404, f"no worker named {name!r}", param="name", code="worker_not_found")
+        if (worker := self.worker_named(name)) is None:
+            raise APIError(404, f"no worker named {name!r}", param="name", code="worker_not_found")
+        return worker
+
+    def worker_named(self, name: str) -> GatewayWorker | None:
+        return next((w for w in self.workers if w.name == name), None)
 
     async def _probe(self, worker: GatewayWorker, admit: bool = False) -> None:
         """One probe, reported to the worker's health; `admit` (the supervisor's word) readmits at once.
@@ -348,113 +333,21 @@ class Gateway:
             return None
         return _since_progress(body)
 
-    # ---- the request path ---------------------------------------------------------------------------
+    # ---- the request path's hooks (request_path.py), answered from this process's state ------------------
 
-    async def proxy(self, request: web.Request) -> web.StreamResponse:
-        """A proxied request, counted by the status the client gets: the engine's, or the gateway's own
-        refusal (queue full, no worker ready, every attempt failed, bad input: raised as APIError)."""
-        started = time.perf_counter()
-        status = 500  # an unexpected exception: the error middleware answers it with a 500
-        try:
-            response = await self._proxy(request, started)
-            status = response.status
-            return response
-        except (APIError, web.HTTPException) as exc:  # aiohttp's own: a body over the size limit (413)
-            status = exc.status
-            raise
-        except asyncio.CancelledError:
-            status = 499  # nginx's "client closed request"
-            raise
-        finally:
-            self.metrics.latency_by[request.path,].observe(time.perf_counter() - started)
-            self.metrics.responses_by[request.path, str(status)].inc()
+    @property
+    def _uses_text(self) -> bool:
+        return self.policy.uses_text
 
-    async def _proxy(self, request: web.Request, started: float) -> web.StreamResponse:
-        request_id = request.headers.get("x-request-id") or next(self._request_ids)
-        if not self.admitting:
-            raise APIError(503, "the server is shutting down", code="shutting_down", headers={"Retry-After": "5"})
-        key = self.auth.identify(request)
-        body = await read_json(request)  # nesting bounded (sglang_gw/limits.py); the engine checks the rest
-        raw = await request.read()  # cached by aiohttp: forwarded as the client sent it
-        if not isinstance(body, dict):
-            raise bad_request("the request body must be a JSON object", None, "invalid_json")
-        model = _requested_model(request.path, body)
-        try:
-            with self.auth.admit(key, model):
-                return await self._route(request, request_id, body, model, raw, started)
-        except asyncio.CancelledError:  # the client went away (its handler is cancelled): a normal ending
-            self._client_left(request_id)
-            raise
+    def _admit(self, key: KeyState | None, model: str | None):
+        return self.auth.admit(key, model)
 
-    def _client_left(self, request_id: str) -> None:
-        self.metrics.client_disconnects.inc()
-        log.info("gateway.client_disconnected", request_id=request_id)
-
-    async def _route(self, request: web.Request, request_id: str, body: dict, model: str | None, raw: bytes,
-                     started: float) -> web.StreamResponse:
-        """Attempts until a worker answers, each on a worker not tried yet while there is one. Until the
-        client has a byte, a failed attempt is retried from the start (max_retries). Once a worker has
-        said what it generated (a stream begun, a long answer's checkpoints), the next attempt continues
-        from there instead (max_failovers; gateway/failover.py); a stream that nobody can continue ends
-        with an error event."""
-        self._require_model(model)
-        # Only for a policy that reads it (least_conn and round_robin do not): rendering a conversation with
-        # the chat template is most of a request's routing cost; a large one goes to a thread.
-        if not self.policy.uses_text:
-            text = ""
-        elif len(raw) <= INLINE_BODY_BYTES:
-            text = self.routing_text(request.path, body)
-        else:
-            text = await asyncio.to_thread(self.routing_text, request.path, body)
-        route = RouteRequest(text, self.sessions.key(request.headers, body, model), is_batch(request.path, body),
-                             self.cache_ledger.distrusted())
-        progress = Progress(body)
-        tried: set[str] = set()
-        retries = failovers = 0
-        kind = ""  # a repeated attempt's route: "retry" or "failover"
-        while (decision := await self._choose(model, tried, route)) is not None:
-            trial = self._lease(decision.worker)
-            try:
-                outcome = await self._attempt(request, request_id, raw, decision, kind, progress,
-                                              last=retries == self.config.max_retries)
-                # Booked once the client has the answer's first bytes: metrics, the log line and the status
-                # page are off the path to them (callbacks run when this task next waits, or returns).
-                asyncio.get_running_loop().call_soon(self._record, request.path, request_id, outcome, started)
-                if outcome.stream is not None:
-                    if (broken := await self._relay(request, outcome, progress)) is None:
-                        if progress.client_gone:
-                            self._client_left(request_id)
-                        return progress.client
-                    log.info("gateway.stream_failed", request_id=request_id, worker=decision.worker.name, why=broken,
-                             choices=len(progress.ids), tokens=sum(map(len, progress.ids.values())))
-                elif outcome.response is not None:
-                    return outcome.response
-            finally:
-                await self._release(decision.worker, trial)
-            tried.add(decision.worker.name)
-            if progress.continuable:
-                if failovers == self.config.max_failovers:
-                    break
-                failovers, kind, raw = failovers + 1, "failover", progress.resume_body()
-            elif progress.client is not None or retries == self.config.max_retries:
-                break
-            else:
-                retries, kind = retries + 1, "retry"
-                await asyncio.sleep(self.config.retry_backoff * 2 ** (retries - 1) * random.uniform(0.5, 1.5))
-        if progress.client is not None:  # a stream begun that no worker could continue
-            error = {"error": {"message": f"the worker failed mid-response and no worker could continue it "
-                                          f"({failovers} failovers)", "type": "upstream_error", "param": None,
-                               "code": "upstream_failed"}}
-            await progress.client.write(b"data: " + json.dumps(error).encode() + b"\n\n")
-            await progress.client.write_eof()
-            return progress.client
-        raise APIError(502, "no worker could take the request", code="upstream_unavailable",
-                       headers={"x-should-retry": "false"})
-
-    async def _choose(self, model: str | None, tried: set[str], route: RouteRequest) -> Decision | None:
+    async def _choose(self, model: str | None, admission, tried: set[str], route: RouteRequest) -> Decision | None:
         """The policy's pick among the routable workers of the model below their cap, untried ones first
-        (workers added since the request came are candidates too); None: none left (503 when none of the
-        model's workers is ready to begin with)."""
+        (workers added since the request came are candidates too); None: none left (404 when no worker
+        serves the model; 503 when none of its workers is ready to begin with)."""
+        if not tried:
+            self._require_model(model)
         routable = self._serving(model)
         untried = [w for w in routable if w.name not in tried] or routable
         if not untried:
@@ -462,7 +355,10 @@ class Gateway:
                 raise no_ready_worker()
             return None
         free = await self._with_capacity(untried)
-        return self.sessions.choose(self.policy, free, route) if free else None
+        if not free:
+            return None
+        route.distrusted = self.cache_ledger.distrusted()
+        return self.sessions.choose(self.policy, free, route)
 
     # An attempt's lease: its share of the worker's load, from `_lease` until its answer is handed over,
     # then `_release`d exactly once (a try/finally in `_route`; an async context manager costs more per request).
@@ -471,117 +367,49 @@ class Gateway:
         return worker.health.request_started()
 
     async def _release(self, worker: GatewayWorker, trial: Trial | None) -> None:
+        if self._freed(worker, trial):
+            await self._wake_one()
+
+    def release_soon(self, worker: GatewayWorker, trial: Trial | None) -> None:
+        """A relay's lease ended (relays.py): released now, a queued request woken by a task."""
+        if self._freed(worker, trial):
+            asyncio.get_running_loop().create_task(self._wake_one())
+
+    def _freed(self, worker: GatewayWorker, trial: Trial | None) -> bool:
+        """The lease given back; whether a queued request waits for it."""
         worker.health.request_ended(trial)
         worker.inflight -= 1
-        if self.queued:  # only a queued request waits on it
-            async with self._capacity:
-                self._capacity.notify()
+        return self.queued > 0
 
-    async def _attempt(self, request: web.Request, request_id: str, raw: bytes, decision: Decision, kind: str,
-                       progress: Progress, last: bool) -> Outcome:
-        """Forward the request to the chosen worker. A JSON answer is read whole before anything is sent,
-        so a worker failing mid-answer is a failed attempt; an event stream is left to `_relay`. A
-        continuation (kind "failover") succeeds only with a 200; a first try or retry passes the worker's
-        answer on, but for 502/503 while other attempts remain (`last` False)."""
-        worker, route = decision.worker, kind or decision.reason
-        headers = {"Content-Type": "application/json", "Accept-Encoding": "identity", "x-request-id": request_id}
-        if self.config.max_failovers:
-            headers[RESUMABLE_HEADER] = "1"
-        try:
-            upstream = await self.upstream.post(worker.url, request.path, raw, headers, self.config.request_timeout)
-        except UpstreamError as exc:
-            why = f"connect: {exc}"
-            worker.health.connect_error(why)
-            return Outcome(decision, route, failure=why)
-        answered_at = time.perf_counter()
-        worker.health.response(upstream.status)
-        if upstream.status != 200 and (kind == "failover" or upstream.status in RETRY_STATUSES and not last):
-            upstream.close()
-            return Outcome(decision, route, upstream.status, failure=f"status {upstream.status}")
-        headers = _answer_headers(upstream, decision, route, request_id)
-        events = headers["Content-Type"].startswith("text/event-stream")
-        if events and progress.stream:
-            return Outcome(decision, route, upstream.status, response=web.StreamResponse(status=upstream.status,
-                                                                                          headers=headers),
-                           stream=upstream, answered_at=answered_at)
-        try:
-            body = await _answer_body(upstream, progress) if events else await upstream.read()
-        except UpstreamError as exc:
-            why = f"answer: {exc}"
-            worker.health.stream_failed(why)
-            return Outcome(decision, route, upstream.status, failure=why)
-        finally:
-            upstream.close()
-        if events:  # checkpoints, then the JSON: the client gets the JSON
-            headers["Content-Type"] = "application/json; charset=utf-8"
-        worker.health.progress()
-        return Outcome(decision, route, upstream.status,
-                       response=web.Response(status=upstream.status, body=body, headers=headers),
-                       answered_at=answered_at,
-                       usage=answer_usage(body) if upstream.status == 200 else None)
-
-    async def _relay(self, request: web.Request, outcome: Outcome, progress: Progress) -> str | None:
-        """Pass an event stream through as it arrives, whole events at a time; the client's stream begins
-        with the first (its headers are the first answering worker's). None when it ended; why, when the
-        worker failed mid-stream: the client's stream stays open for another worker to continue."""
-        upstream, worker = outcome.stream, outcome.decision.worker
-        with_data = b""  # the last events relayed that carry data: a stream's usage, if any, is in them
-        try:
-            while True:
-                try:
-                    chunk = await upstream.chunk()
-                except UpstreamError as exc:
-                    why = f"stream: {exc}"
-                    worker.health.stream_failed(why)
-                    if not progress.done:
-                        return why
-                    break  # failed after its last event: the client has everything
-                try:
-                    events = progress.feed(chunk) if chunk else progress.flush()
-                except NotContinued as exc:
-                    return f"answer: {exc}"
-                if events:
-                    if b"data: {" in events:
-                        with_data = events
-                    if progress.client is None:
-                        progress.client = outcome.response
-                        await progress.client.prepare(request)
-                    await progress.client.write(events)
-                if not chunk:
-                    break
-                worker.health.progress()
-            if progress.client is None:  # an empty stream
-                progress.client = outcome.response
-                await progress.client.prepare(request)
-            await progress.client.write_eof()
-        except ConnectionResetError:  # the client went away (after [DONE], or not): a normal ending
-            progress.client_gone = True
-        finally:
-            upstream.close()  # on a client disconnect this drops the engine connection: it aborts the request
-        if (usage := stream_usage(with_data)) is not None:
-            self._book_cache(outcome.decision, usage)
-        return None
+    async def _wake_one(self) -> None:
+        async with self._capacity:
+            self._capacity.notify()
 
     def _record(self, path: str, request_id: str, outcome: Outcome, started: float) -> None:
-        """Every attempt's metrics and log line, from its outcome (a stream's once its first byte is in)."""
-        self.status.attempted(path, outcome, started)
-        m, worker = self.metrics, outcome.decision.worker
-        m.decisions_by[outcome.route,].inc()
-        m.predicted_prefix.inc(outcome.decision.matched_bytes)
-        if outcome.route == "retry":
+        self.book_attempt(Attempt.of(path, outcome, started), request_id, time.perf_counter() - started,
+                          outcome.decision, outcome.usage)
+
+    def book_attempt(self, attempt: Attempt, request_id: str, seconds: float, decision: Decision,
+                     usage: Usage | None) -> None:
+        """Every attempt's metrics, log line and status-page entry (a stream's once its first byte is in),
+        whichever process ran it."""
+        self.status.attempted(attempt)
+        m = self.metrics
+        m.decisions_by[attempt.route,].inc()
+        m.predicted_prefix.inc(attempt.matched_bytes)
+        if attempt.route == "retry":
             m.retries.inc()
-        elif outcome.route == "failover":
+        elif attempt.route == "failover":
             m.failovers.inc()
-        fields = dict(request_id=request_id, path=path, worker=worker.name, route=outcome.route,
-                      matched_bytes=outcome.decision.matched_bytes, status=outcome.status,
-                      seconds=round(time.perf_counter() - started, 4))
-        if outcome.response is None:
-            self._request_log.info("gateway.attempt_failed", why=outcome.failure, **fields)
+        fields = dict(request_id=request_id, path=attempt.path, worker=attempt.worker, route=attempt.route,
+                      matched_bytes=attempt.matched_bytes, status=attempt.status, seconds=round(seconds, 4))
+        if attempt.ttfb_s is None:  # no answer
+            self._request_log.info("gateway.attempt_failed", why=attempt.why, **fields)
             return
-        m.ttfb_by[path,].observe(outcome.answered_at - started)
-        m.requests_by[path, str(outcome.status), worker.name].inc()
-        if outcome.usage is not None:
-            self._book_cache(outcome.decision, outcome.usage)
+        m.ttfb_by[attempt.path,].observe(attempt.ttfb_s)
+        m.requests_by[attempt.path, str(attempt.status), attempt.worker].inc()
+        if usage is not None:
+            self._book_cache(decision, usage)
         self._request_log.info("gateway.request", **fields)
 
     def _book_cache(self, decision: Decision, usage: Usage) -> None:
@@ -623,6 +451,18 @@ class Gateway:
 
     def _serving(self, model: str | None) -> list[GatewayWorker]:
         return [w for w in self.workers if w.routable and (model is None or model in w.models)]
+
+    def _finished(self, path: str, status: int, seconds: float) -> None:
+        self.metrics.latency_by[path,].observe(seconds)
+        self.metrics.responses_by[path, str(status)].inc()
+
+    def _client_left(self, request_id: str) -> None:
+        self.metrics.client_disconnects.inc()
+        log.info("gateway.client_disconnected", request_id=request_id)
+
+    def _stream_failed(self, request_id: str, worker: str, why: str, progress: Progress) -> None:
+        log.info("gateway.stream_failed", request_id=request_id, worker=worker, why=why,
+                 choices=len(progress.ids), tokens=sum(map(len, progress.ids.values())))
 
     # ---- the gateway's own endpoints --------------------------------------------------------------
 
@@ -780,34 +620,6 @@ class Gateway:
                                   "inflight": worker.inflight})
 
 
-def _requested_model(path: str, body: dict) -> str | None:
-    """The model an OpenAI request names (400 unless a string); None on /generate, which has no model field."""
-    if path == "/generate":
-        return None
-    model = body.get("model")
-    if not isinstance(model, str):
-        raise bad_request("model: a model name is required", "model", "missing_model")
-    return model
-
-
-# The engine's headers that are not passed on: hop-by-hop ones, the framing the gateway redoes, and the
-# encoding (the body arrives decoded).
-NOT_RELAYED = frozenset({"connection", "keep-alive", "transfer-encoding", "content-length", "content-encoding",
-                         "date", "server", "proxy-authenticate", "trailer", "upgrade", "te", "x-request-id"})
-
-
-def _answer_headers(upstream: Answer, decision: Decision, route: str, request_id: str) -> CIMultiDict:
-    """The engine's headers a client may use (Retry-After, Cache-Control, its own x-…), and the gateway's."""
-    relayed = [(name, value) for name, value in upstream.headers if name.lower() not in NOT_RELAYED]
-    if not any(name.lower() == "content-type" for name, _ in relayed):
-        relayed.append(("Content-Type", "application/json"))
-    relayed += [("x-sglang-gw-worker", decision.worker.name), ("x-sglang-gw-route", route),
-                ("x-request-id", request_id), ("x-sglang-gw-matched-bytes", str(decision.matched_bytes))]
-    if route in ("retry", "failover"):
-        relayed.append(("x-should-retry", "false"))  # we already failed over: the SDK must not multiply retries
-    return CIMultiDict(relayed)
-
-
 def fanned_out(action: str, replies: dict[str, Reply]) -> web.Response:
     """200 when every worker did it. Otherwise an error naming each worker that did not and why: 400 when
     each of them refused (a 4xx, e.g. the engine's "busy" while requests run), else 502."""
@@ -822,17 +634,6 @@ def fanned_out(action: str, replies: dict[str, Reply]) -> web.Response:
                        code="worker_refused" if refused else "upstream_unavailable")
     return web.json_response({"success": True, "message": f"{action} done on {len(replies)} workers",
                               "workers": {name: r.detail() for name, r in replies.items()}})
-
-
-async def _answer_body(upstream: Answer, progress: Progress) -> bytes:
-    """A non-streamed answer that came as checkpoints and then the JSON (sglang_gw/resume.py): the JSON."""
-    data = b""
-    while chunk := await upstream.chunk():
-        data += progress.feed(chunk)
-    data += progress.flush()
-    if not data.startswith(b"data: "):
-        raise UpstreamError("the answer ended before its JSON")
-    return data[len(b"data: "):].rstrip(b"\n")
 
 
 def no_ready_worker() -> APIError:
@@ -852,8 +653,8 @@ def _since_progress(health_body: bytes) -> float:
 async def run_gateway(config: GatewayConfig) -> int:
     """The gateway alone, in front of the workers its config lists; until SIGTERM/SIGINT."""
     gateway = Gateway(config)
-    async with listening(gateway.app, config.host, config.port) as stop:
+    async with serving(gateway, config.host, config.port) as stop:
         log.info("gateway.listening", host=config.host, port=config.port, policy=config.policy.name,
-                 workers=[w.url for w in config.workers])
+                 workers=[w.url for w in config.workers], processes=config.processes)
         await stop.wait()
     return 0

@@ -183,6 +183,16 @@ class GatewaySettings(Strict):
     max_inflight_per_worker: int | None = Field(None, ge=1)
     max_queued_requests: int = Field(256, ge=0)
     queue_timeout: float = Field(30.0, gt=0)
+    # Processes serving the port. 1: this one. More: that many relay processes share the port (SO_REUSEPORT)
+    # and run the request path, asking this process, which keeps all routing state, for each attempt's
+    # worker (gateway/relay.py): for traffic past one core's worth of requests.
+    processes: int = Field(1, ge=1, le=256)
+
+    @model_validator(mode="after")
+    def _fixed_port_for_relays(self):
+        if self.processes > 1 and self.port == 0:
+            raise ValueError("processes: relay processes share one port: give a fixed port, not 0")
+        return self
 
 
 class GatewayConfig(GatewaySettings):

@@ -43,6 +43,8 @@ class GatewayMetrics:
         self.retries = Counter("sglang_gw_retries", "requests re-sent to another worker", registry=r)
         self.client_disconnects = Counter("sglang_gw_client_disconnects", "streams whose client went away before "
                                           "their end (a normal ending, not an error)", registry=r)
+        self.relay_requests = Counter("sglang_gw_relay_requests", "proxied requests by the relay process that "
+                                      "served them (gateway.processes > 1)", ["relay"], registry=r)
         self.failovers = Counter("sglang_gw_failovers", "generations continued on another worker after theirs "
                                  "failed mid-answer", registry=r)
         self.predicted_prefix = Counter("sglang_gw_predicted_prefix_bytes",
@@ -71,9 +73,9 @@ class GatewayMetrics:
                                     ["worker", "state"], registry=r)
         # The request path's metrics, by label values.
         (self.requests_by, self.responses_by, self.latency_by, self.ttfb_by, self.decisions_by,
-         self.reported_cached_by, self.predicted_cached_by) = map(Children, (
+         self.reported_cached_by, self.predicted_cached_by, self.relay_requests_by) = map(Children, (
             self.requests, self.responses, self.latency, self.ttfb, self.decisions, self.reported_cached,
-            self.predicted_cached))
+            self.predicted_cached, self.relay_requests))
         self.prefix_index_bytes = Gauge("sglang_gw_prefix_index_bytes", "text bytes tracked per worker",
                                         ["worker"], registry=r)
 

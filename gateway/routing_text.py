@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import os
 from pathlib import Path
+from typing import Callable
 
 import aiohttp
 import structlog
@@ -50,9 +51,12 @@ def _content(message: dict) -> str:
 class RoutingText:
     def __init__(self):
         self._templates: dict[str, ChatTemplate | None] = {}  # model → its chat template, or None
+        self.paths: dict[str, str] = {}  # model → where its template was looked for (relays load the same)
+        self.on_learned: Callable[[], None] = lambda: None
 
     def add_template(self, model: str, path: str) -> None:
         self._templates[model] = _load_template(path)
+        self.paths[model] = path
 
     async def learn(self, session: aiohttp.ClientSession, url: str, models: set[str],
                     timeout: aiohttp.ClientTimeout) -> None:
@@ -69,6 +73,7 @@ class RoutingText:
         for model in new:
             await asyncio.to_thread(self.add_template, model, path)
             log.info("gateway.routing_text", model=model, chat_template=self._templates[model] is not None)
+        self.on_learned()
 
     def __call__(self, path: str, body: dict) -> str:
         """Never raises, whatever the JSON: a malformed body is routed anywhere sane, and the engine refuses it."""

@@ -26,7 +26,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from .health import State
 
 if TYPE_CHECKING:
-    from .app import Gateway, GatewayWorker, Outcome, Reply
+    from .app import Gateway, GatewayWorker, Reply
+    from .request_path import Outcome
 
 STATIC = Path(__file__).with_name("static")
 WINDOW_S = 60.0  # the rates' and percentiles' sliding window (Prometheus dashboards use rate(…[1m]) alike)
@@ -57,6 +58,13 @@ class Attempt:
     status: int | None  # the worker's HTTP status; None when it never answered
     ttfb_s: float | None  # seconds from the request's arrival to the worker's first answer byte
     why: str  # why it failed; empty when it did not
+
+    @classmethod
+    def of(cls, path: str, outcome: Outcome, started: float) -> Attempt:
+        answered = outcome.response is not None
+        return cls(at=time.time(), path=path, worker=outcome.decision.worker.name, route=outcome.route,
+                   matched_bytes=outcome.decision.matched_bytes, status=outcome.status,
+                   ttfb_s=outcome.answered_at - started if answered else None, why=outcome.failure)
 
     @property
     def failed(self) -> bool:
@@ -156,12 +164,8 @@ class StatusPage:
 
     # ---- fed by the request path ----------------------------------------------------------------------
 
-    def attempted(self, path: str, outcome: Outcome, started: float) -> None:
-        """One attempt, as Gateway._record sees it (a stream's once its first byte is in)."""
-        answered = outcome.response is not None
-        attempt = Attempt(at=time.time(), path=path, worker=outcome.decision.worker.name, route=outcome.route,
-                          matched_bytes=outcome.decision.matched_bytes, status=outcome.status,
-                          ttfb_s=outcome.answered_at - started if answered else None, why=outcome.failure)
+    def attempted(self, attempt: Attempt) -> None:
+        """One attempt, as Gateway.book_attempt sees it (a stream's once its first byte is in)."""
         self.window.add(attempt)
         self.decisions.append(attempt)
         if attempt.failed:

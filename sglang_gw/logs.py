@@ -67,10 +67,14 @@ def _timestamp(_, __, event: dict) -> dict:
 _second: list = [None, ""]
 
 
+configured = ["info", "json"]  # what configure_logging set: a child process (a gateway relay) logs alike
+
+
 def configure_logging(level: str = "info", fmt: str = "auto") -> None:
     """Once per process. `fmt`: json, console, or auto (console on a terminal)."""
     if fmt == "auto":
         fmt = "console" if sys.stderr.isatty() else "json"
+    configured[:] = [level, fmt]
     if fmt == "json":
         renderer = structlog.processors.JSONRenderer(serializer=orjson.dumps, option=orjson.OPT_NON_STR_KEYS)
         sink = TickBufferedStderr(sys.stderr.buffer)

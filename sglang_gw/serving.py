@@ -12,14 +12,17 @@ from aiohttp import web
 
 
 @contextlib.asynccontextmanager
-async def listening(app: web.Application, host: str, port: int) -> AsyncIterator[asyncio.Event]:
-    """Serve `app` on host:port until the block ends; the event is set on SIGTERM or SIGINT.
+async def listening(app: web.Application, host: str, port: int, reuse_port: bool = False,
+                    unix_path: str | None = None) -> AsyncIterator[asyncio.Event]:
+    """Serve `app` on host:port (or on the Unix socket `unix_path`) until the block ends; the event is set
+    on SIGTERM or SIGINT. `reuse_port`: several processes listen on the port (the gateway's relays).
 
     Handlers are cancelled when their client goes away (that is how an abandoned stream aborts its
     generation), and there is no access log: each process logs its requests itself."""
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
     await runner.setup()
-    await web.TCPSite(runner, host, port).start()
+    site = web.UnixSite(runner, unix_path) if unix_path else web.TCPSite(runner, host, port, reuse_port=reuse_port)
+    await site.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

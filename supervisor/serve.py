@@ -15,7 +15,7 @@ import time
 
 import structlog
 
-from ..serving import listening
+from ..gateway.relays import serving
 from ..config import ConfigError, ServeConfig, load_serve_config
 from ..gateway.app import Gateway
 from ..gateway.config import WorkerConfig
@@ -49,7 +49,7 @@ class ServeRuntime:
         return f"http://{loopback(host)}:{port}"
 
     async def run(self) -> int:
-        async with listening(self.gateway.app, *self.listen) as stop:
+        async with serving(self.gateway, *self.listen) as stop:
             self._print_banner()
             self.supervisor.start()
             asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, self.reload)

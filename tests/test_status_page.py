@@ -258,13 +258,14 @@ def test_window_spans_its_newest_values_once_over_its_limit():
 
 def test_failed_attempts_are_the_pages_errors_and_error_rate():
     from sglang_gw.gateway.app import Gateway, Outcome
+    from sglang_gw.gateway.status import Attempt
     from sglang_gw.gateway.policies import Decision
 
     gateway = Gateway(parse_config({"workers": [{"url": "http://127.0.0.1:9", "name": "a"}]}))
     decision = Decision(gateway.workers[0], "miss")
     started = time.perf_counter()
-    gateway.status.attempted("/generate", Outcome(decision, "miss", failure="connect: refused"), started)
-    gateway.status.attempted("/generate", Outcome(decision, "retry", 503, failure="status 503"), started)
+    gateway.status.attempted(Attempt.of("/generate", Outcome(decision, "miss", failure="connect: refused"), started))
+    gateway.status.attempted(Attempt.of("/generate", Outcome(decision, "retry", 503, failure="status 503"), started))
     doc = gateway.status.snapshot()
     assert [(e["route"], e["status"], e["why"], e["failed"]) for e in doc["errors"]] == [
         ("retry", 503, "status 503", True), ("miss", None, "connect: refused", True)]

@@ -1,0 +1,277 @@
+"""A relay process (`gateway.processes` > 1): one of the processes serving the gateway's port.
+
+Each relay listens on the port with SO_REUSEPORT (the kernel spreads connections over them) and runs
+the proxied paths' request path itself (request_path.py: parsing, the routing text, forwarding,
+relaying, failover), so those costs scale with the processes. What routing decides stays in the one
+gateway process, so that every relay routes on the same prefix index, sessions, leases, key limits
+and health: each attempt asks it for a worker and tells it how the attempt went (relay_link.py). Every
+other path (control, admin, metrics, status) is passed through to the gateway process whole.
+
+A relay lives as long as its link: when the gateway process goes, so do its relays.
+
+    python -m sglang_gw.gateway.relay LINK_SOCKET CONTROL_SOCKET HOST PORT LOG_LEVEL LOG_FORMAT
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import sys
+import time
+
+import aiohttp
+import structlog
+import uvloop
+from aiohttp import web
+
+from ..errors import APIError, error_middleware
+from ..logs import configure_logging
+from ..serving import listening
+
+from .auth import Authenticator, KeyState
+from .cache_prediction import Usage
+from .config import GatewaySettings
+from .failover import Progress
+from .policies import Decision, RouteRequest, Worker
+from .relay_link import Link
+from .request_path import NOT_RELAYED, PROXIED, Outcome, RequestPath
+from .routing_text import RoutingText
+from .sessions import Sessions
+from .upstream import Upstream
+
+log = structlog.get_logger(__name__)
+
+PROGRESS_EVERY_S = 1.0  # a lease's progress events at most this often (the stall watchdog counts tens of seconds)
+
+
+class LeaseHealth:
+    """A leased worker's health events, told to the gateway process (health.WorkerHealth's request-path
+    methods)."""
+
+    __slots__ = ("link", "lease", "last_progress")
+
+    def __init__(self, link: GatewayLink, lease: int):
+        self.link, self.lease = link, lease
+        self.last_progress = time.monotonic()  # the lease's start counts as progress there too
+
+    def _event(self, event: str, value: object = None) -> None:
+        self.link.send({"t": "ev", "l": self.lease, "e": event, "v": value})
+
+    def connect_error(self, why: str) -> None:
+        self._event("connect_error", why)
+
+    def stream_failed(self, why: str) -> None:
+        self._event("stream_failed", why)
+
+    def response(self, status: int) -> None:
+        self._event("response", status)
+
+    def progress(self) -> None:
+        now = time.monotonic()
+        if now - self.last_progress >= PROGRESS_EVERY_S:
+            self.last_progress = now
+            self._event("progress")
+
+
+class LeasedWorker(Worker):
+    """The worker the gateway process chose for one attempt, under its lease."""
+
+    def __init__(self, name: str, url: str, health: LeaseHealth):
+        super().__init__(name, url)
+        self.health = health
+
+
+class Admission:
+    """A request's admission (the key's limits), held by the gateway process from its first choice until
+    the block ends."""
+
+    __slots__ = ("link", "handle", "key", "held")
+
+    def __init__(self, link: GatewayLink, handle: int, key: KeyState | None):
+        self.link, self.handle, self.key, self.held = link, handle, key, False
+
+    def __enter__(self) -> Admission:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.held:
+            self.link.send({"t": "end", "a": self.handle})
+
+
+class GatewayLink(Link):
+    """The relay's end of the link: asks for choices, and takes the settings the gateway process sends."""
+
+    def __init__(self, relay: Relay):
+        super().__init__()
+        self.relay = relay
+        self._asked: dict[int, asyncio.Future] = {}
+        self._questions = itertools.count()
+
+    async def ask(self, message: dict) -> dict:
+        if self.closed.done():
+            raise APIError(503, "the gateway is restarting", code="gateway_unavailable", headers={"Retry-After": "1"})
+        q = message["q"] = next(self._questions)
+        answer = self._asked[q] = asyncio.get_running_loop().create_future()
+        self.send(message)
+        try:
+            return await answer
+        finally:
+            self._asked.pop(q, None)
+
+    def received(self, message: dict) -> None:
+        if message["t"] == "settings":
+            self.relay.apply(message)
+        elif (answer := self._asked.get(message["q"])) is not None and not answer.done():
+            answer.set_result(message)
+        elif "lease" in message:  # its request was gone (the client left) before the choice came back
+            self.send({"t": "release", "l": message["lease"]})
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
+        for answer in self._asked.values():
+            if not answer.done():
+                answer.set_exception(APIError(503, "the gateway is restarting", code="gateway_unavailable",
+                                              headers={"Retry-After": "1"}))
+
+
+class Relay(RequestPath):
+    def __init__(self, control_socket: str):
+        super().__init__()
+        self.link: GatewayLink | None = None  # set once connected
+        self.upstream = Upstream()
+        self.routing_text = RoutingText()
+        self.config: GatewaySettings | None = None  # from the gateway process's first message
+        self.auth = Authenticator([])
+        self.sessions: Sessions | None = None
+        self.uses_text = False
+        self._handles = itertools.count()
+        self._control_socket = control_socket
+        self.control: aiohttp.ClientSession | None = None
+        self.configured = asyncio.Event()
+
+    def apply(self, message: dict) -> None:
+        """The gateway process's settings (at the start, and after a reload or a template learned)."""
+        self.config = GatewaySettings.model_validate(message["c"])
+        self.auth.update(self.config.auth.keys)
+        if self.sessions is None:
+            self.sessions = Sessions(self.config.session)
+        self.sessions.settings = self.config.session
+        self.uses_text = message["text"]
+        for model, path in message["tpl"].items():
+            if self.routing_text.paths.get(model) != path:
+                self.routing_text.add_template(model, path)
+        self.configured.set()
+
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=self.config.max_request_bytes,
+                              middlewares=[error_middleware(self.config.max_request_bytes)])
+        for path in PROXIED:
+            app.router.add_post(path, self.proxy)
+        app.router.add_route("*", "/{tail:.*}", self.pass_through)
+        app.on_startup.append(self._start)
+        app.on_cleanup.append(self._stop)
+        return app
+
+    async def _start(self, app) -> None:
+        self.control = aiohttp.ClientSession(connector=aiohttp.UnixConnector(self._control_socket),
+                                             cookie_jar=aiohttp.DummyCookieJar())
+
+    async def _stop(self, app) -> None:
+        self.upstream.close()
+        await self.control.close()
+
+    async def pass_through(self, request: web.Request) -> web.StreamResponse:
+        """Any other path, answered by the gateway process (the paths and methods it serves, its errors)."""
+        headers = {k: v for k, v in request.headers.items() if k.lower() not in NOT_RELAYED and k.lower() != "host"}
+        try:
+            async with self.control.request(request.method, "http://gateway" + request.path_qs, headers=headers,
+                                            data=await request.read()) as answer:
+                body = await answer.read()
+                relayed = {k: v for k, v in answer.headers.items() if k.lower() not in NOT_RELAYED}
+                return web.Response(status=answer.status, body=body, headers=relayed)
+        except aiohttp.ClientError as exc:
+            raise APIError(503, f"the gateway is restarting ({type(exc).__name__})", code="gateway_unavailable",
+                           headers={"Retry-After": "1"}) from None
+
+    # ---- the request path's hooks (request_path.py), asked of the gateway process ----------------------
+
+    @property
+    def _uses_text(self) -> bool:
+        return self.uses_text
+
+    def _admit(self, key: KeyState | None, model: str | None) -> Admission:
+        return Admission(self.link, next(self._handles), key)
+
+    async def _choose(self, model: str | None, admission: Admission, tried: set[str],
+                      route: RouteRequest) -> Decision | None:
+        admission.held = True  # from the first choice on (the gateway process ends it itself when it refuses)
+        answer = await self.link.ask({
+            "t": "choose", "a": admission.handle, "k": admission.key.name if admission.key else None, "m": model,
+            "x": route.text, "s": route.session.hex() if route.session else None, "b": route.batch,
+            "tried": sorted(tried)})
+        if "e" in answer:
+            e = answer["e"]
+            raise APIError(e["status"], e["message"], param=e["param"], code=e["code"], headers=e["headers"])
+        if "lease" not in answer:
+            return None
+        worker = LeasedWorker(answer["w"], answer["u"], LeaseHealth(self.link, answer["lease"]))
+        return Decision(worker, answer["r"], answer["mb"], answer["pb"])
+
+    def _lease(self, worker: LeasedWorker) -> int:
+        return worker.health.lease  # taken by the gateway process with the choice
+
+    async def _release(self, worker: LeasedWorker, lease: int) -> None:
+        self.link.send({"t": "release", "l": lease})
+
+    def _record(self, path: str, request_id: str, outcome: Outcome, started: float) -> None:
+        decision = outcome.decision
+        self.link.send({
+            "t": "rec", "at": time.time(), "p": path, "w": decision.worker.name, "route": outcome.route,
+            "r": decision.reason, "mb": decision.matched_bytes, "pb": decision.prompt_bytes, "st": outcome.status,
+            "ttfb": outcome.answered_at - started if outcome.response is not None else None, "why": outcome.failure,
+            "rid": request_id, "sec": time.perf_counter() - started, "u": _usage(outcome.usage)})
+
+    def _book_cache(self, decision: Decision, usage: Usage) -> None:
+        self.link.send({"t": "book", "w": decision.worker.name, "r": decision.reason, "mb": decision.matched_bytes,
+                        "pb": decision.prompt_bytes, "u": _usage(usage)})
+
+    def _finished(self, path: str, status: int, seconds: float) -> None:
+        self.link.send({"t": "fin", "p": path, "st": status, "sec": seconds})
+
+    def _client_left(self, request_id: str) -> None:
+        self.link.send({"t": "left"})
+        log.info("gateway.client_disconnected", request_id=request_id)
+
+    def _stream_failed(self, request_id: str, worker: str, why: str, progress: Progress) -> None:
+        log.info("gateway.stream_failed", request_id=request_id, worker=worker, why=why,
+                 choices=len(progress.ids), tokens=sum(map(len, progress.ids.values())))
+
+
+def _usage(usage: Usage | None) -> list[int] | None:
+    return None if usage is None else [usage.prompt_tokens, usage.cached_tokens]
+
+
+async def run_relay(link_socket: str, control_socket: str, host: str, port: int) -> int:
+    relay = Relay(control_socket)
+    _, link = await asyncio.get_running_loop().create_unix_connection(lambda: GatewayLink(relay), link_socket)
+    relay.link = link
+    await asyncio.wait([asyncio.ensure_future(relay.configured.wait()), link.closed],
+                       return_when=asyncio.FIRST_COMPLETED)
+    if link.closed.done():
+        return 1
+    async with listening(relay.app(), host, port, reuse_port=True) as stop:
+        link.send({"t": "hello", "pid": os.getpid()})
+        log.info("gateway.relay_listening", host=host, port=port, pid=os.getpid())
+        await asyncio.wait([asyncio.ensure_future(stop.wait()), link.closed], return_when=asyncio.FIRST_COMPLETED)
+    return 0
+
+
+def main() -> int:
+    link_socket, control_socket, host, port, level, fmt = sys.argv[1:7]
+    configure_logging(level, fmt)
+    return uvloop.run(run_relay(link_socket, control_socket, host, int(port)))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,78 @@
+"""The link between the gateway process and a relay process (`gateway.processes` > 1): messages over a
+Unix socket, each a 4-byte big-endian length and an orjson-encoded dict whose "t" names its kind.
+
+relay → gateway, per proxied request (request_path.py's hooks):
+    choose   {q, a, k, m, x, s, b, tried}  → chosen {q, lease, w, u, r, mb, pb} | chosen {q} (none left)
+                                             | refused {q, e: {status, message, param, code, headers}}
+             the first of a request (`tried` empty) admits it under the relay's handle `a` (key `k`)
+    ev       {l, e, v}       a health event of lease `l`: connect_error, response, stream_failed, progress
+    release  {l}             the attempt's lease ends
+    end      {a}             the request's admission ends
+    rec      {…}             an attempt to book (metrics, log line, status page)
+    book     {w, r, mb, pb, u}  a stream's reported usage
+    fin      {p, st, sec}    the request's end: its client's status and duration
+    left     {}              a client went away before its answer's end
+gateway → relay:
+    settings {c, text, tpl}  the gateway settings, whether the policy reads the routing text, and the
+                             chat template path of each model; sent first and again on each change
+
+Writes made in one event-loop iteration leave in one system call at its end: a request's one-way
+messages (release, rec, fin) cost one write between them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import struct
+
+import orjson
+
+_LENGTH = struct.Struct(">I")
+
+
+class Link(asyncio.Protocol):
+    """One end of the link: `send` a message; `received` is called with each that arrives."""
+
+    def __init__(self):
+        self.transport: asyncio.Transport | None = None
+        self._inbox = bytearray()
+        self._outbox: list[bytes] = []
+        self.closed = asyncio.get_running_loop().create_future()  # set when the connection is lost
+
+    def received(self, message: dict) -> None:
+        raise NotImplementedError
+
+    def send(self, message: dict) -> None:
+        if self.transport is None or self.transport.is_closing():
+            return  # the link is down: what it would report dies with it (the other end cleans up)
+        data = orjson.dumps(message)
+        if not self._outbox:
+            asyncio.get_running_loop().call_soon(self._flush)
+        self._outbox += (_LENGTH.pack(len(data)), data)
+
+    def _flush(self) -> None:
+        data, self._outbox = b"".join(self._outbox), []
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(data)
+
+    # ---- asyncio's callbacks -------------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.Transport) -> None:
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        inbox = self._inbox
+        inbox += data
+        start = 0
+        while len(inbox) - start >= 4:
+            (size,) = _LENGTH.unpack_from(inbox, start)
+            if len(inbox) - start - 4 < size:
+                break
+            message = orjson.loads(inbox[start + 4:start + 4 + size])
+            start += 4 + size
+            self.received(message)
+        del inbox[:start]
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.closed.done():
+            self.closed.set_result(None)

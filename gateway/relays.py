@@ -1,0 +1,263 @@
+"""The gateway process's side of its relays (`gateway.processes` > 1; gateway/relay.py is the other).
+
+It starts the relay processes and restarts any that exits, serves its own app on a Unix socket for the
+paths the relays pass through, and answers each relay's link (relay_link.py) from the one routing state:
+admissions under the key limits, choices and their leases, the health events of leased workers, and
+the attempts to book. A relay's leases and admissions are its link's: when a relay dies, they are
+released at once, so a dead relay holds no share of any worker's load or of any key's limits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, AsyncIterator
+
+import structlog
+
+from ..errors import APIError
+from ..logs import configured
+from ..serving import listening
+
+from .auth import KeyState
+from .cache_prediction import Usage
+from .config import GatewaySettings
+from .health import Trial
+from .policies import Decision, RouteRequest, Worker
+from .relay_link import Link
+from .request_path import shutting_down
+from .status import Attempt
+
+if TYPE_CHECKING:
+    from .app import Gateway, GatewayWorker
+
+log = structlog.get_logger(__name__)
+
+RESTART_DELAY_S = 1.0  # before a relay that exited is started again
+START_TIMEOUT_S = 60.0  # for every relay to listen, at the start
+HEALTH_EVENTS = frozenset({"connect_error", "response", "stream_failed", "progress"})  # what a relay may report
+
+
+class RelayEnd(Link):
+    """The gateway's end of one relay's link."""
+
+    def __init__(self, relays: Relays):
+        super().__init__()
+        self.relays, self.gateway = relays, relays.gateway
+        self.index: int | None = None  # which relay, once it says hello
+        self.leases: dict[int, tuple[GatewayWorker, Trial | None]] = {}
+        self.admissions: dict[int, contextlib.AbstractContextManager] = {}
+        self._choosing: set[asyncio.Task] = set()
+
+    def connection_made(self, transport) -> None:
+        super().connection_made(transport)
+        self.send(self.relays.settings())
+
+    def received(self, m: dict) -> None:
+        kind, g = m["t"], self.gateway
+        if kind == "choose":
+            # A request's first choice admits it here, before any later message of the link (its "end") is read.
+            if not m["tried"] and not self._admitted(m):
+                return
+            task = asyncio.get_running_loop().create_task(self._choose(m))
+            self._choosing.add(task)
+            task.add_done_callback(self._choosing.discard)
+        elif kind == "ev":
+            if (lease := self.leases.get(m["l"])) is not None and m["e"] in HEALTH_EVENTS:
+                event = getattr(lease[0].health, m["e"])
+                event() if m["v"] is None else event(m["v"])
+        elif kind == "release":
+            if (lease := self.leases.pop(m["l"], None)) is not None:
+                g.release_soon(*lease)
+        elif kind == "end":
+            self._end(m["a"])
+        elif kind == "rec":
+            attempt = Attempt(at=m["at"], path=m["p"], worker=m["w"], route=m["route"], matched_bytes=m["mb"],
+                              status=m["st"], ttfb_s=m["ttfb"], why=m["why"])
+            g.book_attempt(attempt, m["rid"], m["sec"], self._decision(m), _usage(m["u"]))
+        elif kind == "book":
+            g._book_cache(self._decision(m), _usage(m["u"]))
+        elif kind == "fin":
+            g._finished(m["p"], m["st"], m["sec"])
+            g.metrics.relay_requests_by[str(self.index),].inc()
+        elif kind == "left":
+            g.metrics.client_disconnects.inc()
+        elif kind == "hello":
+            self.relays.said_hello(self, m["pid"])
+
+    def _admitted(self, m: dict) -> bool:
+        """The request admitted under its key's limits (held until its "end"), or refused to the relay."""
+        try:
+            if not self.gateway.admitting:
+                raise shutting_down()
+            admission = self.gateway.auth.admit(self._key(m["k"]), m["m"])
+            admission.__enter__()
+        except APIError as exc:
+            self._refuse(m, exc)
+            return False
+        self.admissions[m["a"]] = admission
+        return True
+
+    async def _choose(self, m: dict) -> None:
+        g, tried = self.gateway, set(m["tried"])
+        try:
+            route = RouteRequest(m["x"], bytes.fromhex(m["s"]) if m["s"] else None, m["b"])
+            decision = await g._choose(m["m"], None, tried, route)
+        except APIError as exc:
+            if not tried:
+                self._end(m["a"])
+            self._refuse(m, exc)
+            return
+        if decision is None:
+            self.send({"t": "chosen", "q": m["q"]})
+        elif not self.closed.done():  # a relay gone while its request waited for capacity takes no lease
+            lease = next(self.relays.lease_ids)
+            self.leases[lease] = (decision.worker, g._lease(decision.worker))
+            self.send({"t": "chosen", "q": m["q"], "lease": lease, "w": decision.worker.name,
+                       "u": decision.worker.url, "r": decision.reason, "mb": decision.matched_bytes,
+                       "pb": decision.prompt_bytes})
+
+    def _refuse(self, m: dict, exc: APIError) -> None:
+        self.send({"t": "chosen", "q": m["q"], "e": {"status": exc.status, "message": exc.message, "param": exc.param,
+                                                      "code": exc.code, "headers": exc.headers}})
+
+    def _key(self, name: str | None) -> KeyState | None:
+        """The key the relay identified, by name (a reload may have removed it since: 401 then)."""
+        keys = self.gateway.auth.keys
+        if name is None and not keys:
+            return None
+        for state in keys:
+            if state.name == name:
+                return state
+        raise APIError(401, "invalid or missing API key", code="invalid_api_key")
+
+    def _end(self, handle: int) -> None:
+        if (admission := self.admissions.pop(handle, None)) is not None:
+            admission.__exit__(None, None, None)
+
+    def _decision(self, m: dict) -> Decision:
+        worker = self.gateway.worker_named(m["w"]) or Worker(m["w"], "")  # gone since: booked by name
+        return Decision(worker, m["r"], m["mb"], m["pb"])
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
+        for task in self._choosing:
+            task.cancel()
+        if self.leases or self.admissions:
+            log.warning("gateway.relay_link_lost", relay=self.index, leases=len(self.leases),
+                        admissions=len(self.admissions))
+        for worker, trial in self.leases.values():
+            self.gateway.release_soon(worker, trial)
+        self.leases.clear()
+        for handle in list(self.admissions):
+            self._end(handle)
+        self.relays.ends.discard(self)
+
+
+def _usage(value: list[int] | None) -> Usage | None:
+    return None if value is None else Usage(*value)
+
+
+class Relays:
+    def __init__(self, gateway: Gateway, host: str, port: int):
+        self.gateway, self.host, self.port = gateway, host, port
+        self.count = gateway.config.processes
+        self.dir = Path(tempfile.mkdtemp(prefix="sglang-gw-"))
+        self.link_path, self.control_path = str(self.dir / "link.sock"), str(self.dir / "control.sock")
+        self.lease_ids = itertools.count()
+        self.ends: set[RelayEnd] = set()
+        self.processes: list[asyncio.subprocess.Process | None] = [None] * self.count
+        self.stopping = False
+        self._listening = asyncio.Event()  # set once every relay has said hello
+        self._keepers: list[asyncio.Task] = []
+
+    def settings(self) -> dict:
+        config = self.gateway.config.model_dump(mode="json", include=set(GatewaySettings.model_fields))
+        return {"t": "settings", "c": config,
+                "text": self.gateway.policy.uses_text, "tpl": self.gateway.routing_text.paths}
+
+    def push_settings(self) -> None:
+        """After a reload, or a chat template learned: every relay gets the gateway's settings again."""
+        message = self.settings()
+        for end in self.ends:
+            end.send(message)
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_unix_server(lambda: self._connected(RelayEnd(self)), self.link_path)
+        self._keepers = [loop.create_task(self._keep(i)) for i in range(self.count)]
+        try:
+            await asyncio.wait_for(self._listening.wait(), START_TIMEOUT_S)
+        except asyncio.TimeoutError:
+            await self.stop()
+            raise RuntimeError(f"gateway.processes: {self.count} relay processes did not all listen on "
+                               f"{self.host}:{self.port} within {START_TIMEOUT_S:.0f}s (see their log)") from None
+        log.info("gateway.relays_listening", relays=self.count, pids=[p.pid for p in self.processes])
+
+    def _connected(self, end: RelayEnd) -> RelayEnd:
+        self.ends.add(end)
+        return end
+
+    def said_hello(self, end: RelayEnd, pid: int) -> None:
+        end.index = next((i for i, p in enumerate(self.processes) if p is not None and p.pid == pid), None)
+        if sum(e.index is not None for e in self.ends) >= self.count:
+            self._listening.set()
+
+    async def _keep(self, index: int) -> None:
+        """Relay `index`, started again whenever it exits until the gateway stops."""
+        level, fmt = configured
+        while not self.stopping:
+            process = self.processes[index] = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "sglang_gw.gateway.relay", self.link_path, self.control_path, self.host,
+                str(self.port), level, fmt)
+            code = await process.wait()
+            if self.stopping:
+                return
+            log.warning("gateway.relay_exited", relay=index, pid=process.pid, code=code)
+            await asyncio.sleep(RESTART_DELAY_S)
+
+    def terminate(self) -> None:
+        """Shutdown begins: the relays stop accepting connections and finish the requests they hold."""
+        self.stopping = True
+        for process in self.processes:
+            if process is not None and process.returncode is None:
+                process.terminate()
+
+    async def stop(self, timeout: float = 30.0) -> None:
+        self.terminate()
+        running = [p for p in self.processes if p is not None and p.returncode is None]
+        if running:
+            await asyncio.wait([asyncio.ensure_future(p.wait()) for p in running], timeout=timeout)
+            for process in running:
+                if process.returncode is None:
+                    process.kill()
+                    await process.wait()
+        for keeper in self._keepers:
+            keeper.cancel()
+        self._server.close()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+@contextlib.asynccontextmanager
+async def serving(gateway: Gateway, host: str, port: int) -> AsyncIterator[asyncio.Event]:
+    """The gateway serving host:port until the block ends (the event: SIGTERM or SIGINT) — itself, or
+    through `gateway.processes` relays while it serves their passed-through paths on a Unix socket."""
+    if gateway.config.processes == 1:
+        async with listening(gateway.app, host, port) as stop:
+            yield stop
+        return
+    relays = gateway.relays = Relays(gateway, host, port)
+    try:
+        async with listening(gateway.app, host, port, unix_path=relays.control_path) as stop:
+            await relays.start()
+            try:
+                yield stop
+            finally:
+                await relays.stop()
+    finally:
+        gateway.relays = None
