@@ -35,7 +35,7 @@ from .failover import Progress
 from .health import State, Trial, WorkerHealth
 from .metrics import GatewayMetrics
 from .relays import Relays, serving
-from .request_path import PROXIED, Outcome, RequestPath
+from .request_path import PROXIED, RequestPath
 from .routing_text import RoutingText
 from .sessions import Sessions
 from .upstream import Upstream
@@ -118,8 +118,6 @@ class Gateway(RequestPath):
         self._capacity = asyncio.Condition()  # notified when a worker finishes a request while requests queue
         self.session: aiohttp.ClientSession | None = None  # probes and control calls
         self.upstream = Upstream()  # proxied requests
-        # The request log, bound once: the module's lazy proxy resolves itself again on every line.
-        self._request_log = log.bind()
         self.app = web.Application(client_max_size=config.max_request_bytes,
                                    middlewares=[error_middleware(config.max_request_bytes)])
         self.app.on_startup.append(self._start)
@@ -385,14 +383,8 @@ class Gateway(RequestPath):
         async with self._capacity:
             self._capacity.notify()
 
-    def _record(self, path: str, request_id: str, outcome: Outcome, started: float) -> None:
-        self.book_attempt(Attempt.of(path, outcome, started), request_id, time.perf_counter() - started,
-                          outcome.decision, outcome.usage)
-
-    def book_attempt(self, attempt: Attempt, request_id: str, seconds: float, decision: Decision,
-                     usage: Usage | None) -> None:
-        """Every attempt's metrics, log line and status-page entry (a stream's once its first byte is in),
-        whichever process ran it."""
+    def _book(self, attempt: Attempt, decision: Decision, usage: Usage | None) -> None:
+        """An attempt's metrics and status-page entry, whichever process ran it (a relay's come over its link)."""
         self.status.attempted(attempt)
         m = self.metrics
         m.decisions_by[attempt.route,].inc()
@@ -401,16 +393,12 @@ class Gateway(RequestPath):
             m.retries.inc()
         elif attempt.route == "failover":
             m.failovers.inc()
-        fields = dict(request_id=request_id, path=attempt.path, worker=attempt.worker, route=attempt.route,
-                      matched_bytes=attempt.matched_bytes, status=attempt.status, seconds=round(seconds, 4))
         if attempt.ttfb_s is None:  # no answer
-            self._request_log.info("gateway.attempt_failed", why=attempt.why, **fields)
             return
         m.ttfb_by[attempt.path,].observe(attempt.ttfb_s)
         m.requests_by[attempt.path, str(attempt.status), attempt.worker].inc()
         if usage is not None:
             self._book_cache(decision, usage)
-        self._request_log.info("gateway.request", **fields)
 
     def _book_cache(self, decision: Decision, usage: Usage) -> None:
         """An answer's reported cached tokens, next to what routing predicted for it (cache_prediction.py)."""
@@ -482,7 +470,10 @@ class Gateway(RequestPath):
     async def ready(self, request: web.Request) -> web.Response:
         if not self.config.auth.open_health:
             self.auth.identify(request)
-        ready = sum(w.routable for w in self.workers) if self.admitting else 0
+        # With relays, ready once all of them listen: the port's whole capacity (a relay started again later
+        # does not make the gateway unready).
+        serving = self.admitting and (self.relays is None or self.relays.listening)
+        ready = sum(w.routable for w in self.workers) if serving else 0
         return web.json_response({"ready_workers": ready}, status=200 if ready else 503)
 
     async def prometheus(self, request: web.Request) -> web.Response:

@@ -35,7 +35,8 @@ from .config import GatewaySettings
 from .failover import Progress
 from .policies import Decision, RouteRequest, Worker
 from .relay_link import Link
-from .request_path import NOT_RELAYED, PROXIED, Outcome, RequestPath
+from .request_path import NOT_RELAYED, PROXIED, RequestPath
+from .status import Attempt
 from .routing_text import RoutingText
 from .sessions import Sessions
 from .upstream import Upstream
@@ -224,13 +225,10 @@ class Relay(RequestPath):
     async def _release(self, worker: LeasedWorker, lease: int) -> None:
         self.link.send({"t": "release", "l": lease})
 
-    def _record(self, path: str, request_id: str, outcome: Outcome, started: float) -> None:
-        decision = outcome.decision
-        self.link.send({
-            "t": "rec", "at": time.time(), "p": path, "w": decision.worker.name, "route": outcome.route,
-            "r": decision.reason, "mb": decision.matched_bytes, "pb": decision.prompt_bytes, "st": outcome.status,
-            "ttfb": outcome.answered_at - started if outcome.response is not None else None, "why": outcome.failure,
-            "rid": request_id, "sec": time.perf_counter() - started, "u": _usage(outcome.usage)})
+    def _book(self, attempt: Attempt, decision: Decision, usage: Usage | None) -> None:
+        self.link.send({"t": "rec", "at": attempt.at, "p": attempt.path, "w": attempt.worker, "route": attempt.route,
+                        "r": decision.reason, "mb": attempt.matched_bytes, "pb": decision.prompt_bytes,
+                        "st": attempt.status, "ttfb": attempt.ttfb_s, "why": attempt.why, "u": _usage(usage)})
 
     def _book_cache(self, decision: Decision, usage: Usage) -> None:
         self.link.send({"t": "book", "w": decision.worker.name, "r": decision.reason, "mb": decision.matched_bytes,

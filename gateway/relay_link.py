@@ -8,7 +8,7 @@ relay → gateway, per proxied request (request_path.py's hooks):
     ev       {l, e, v}       a health event of lease `l`: connect_error, response, stream_failed, progress
     release  {l}             the attempt's lease ends
     end      {a}             the request's admission ends
-    rec      {…}             an attempt to book (metrics, log line, status page)
+    rec      {…}             an attempt to book (metrics, status page; the relay writes its log line)
     book     {w, r, mb, pb, u}  a stream's reported usage
     fin      {p, st, sec}    the request's end: its client's status and duration
     left     {}              a client went away before its answer's end

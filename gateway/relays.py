@@ -79,7 +79,7 @@ class RelayEnd(Link):
         elif kind == "rec":
             attempt = Attempt(at=m["at"], path=m["p"], worker=m["w"], route=m["route"], matched_bytes=m["mb"],
                               status=m["st"], ttfb_s=m["ttfb"], why=m["why"])
-            g.book_attempt(attempt, m["rid"], m["sec"], self._decision(m), _usage(m["u"]))
+            g._book(attempt, self._decision(m), _usage(m["u"]))
         elif kind == "book":
             g._book_cache(self._decision(m), _usage(m["u"]))
         elif kind == "fin":
@@ -173,7 +173,7 @@ class Relays:
         self.ends: set[RelayEnd] = set()
         self.processes: list[asyncio.subprocess.Process | None] = [None] * self.count
         self.stopping = False
-        self._listening = asyncio.Event()  # set once every relay has said hello
+        self._listening = asyncio.Event()  # set once every relay has said hello, at the start
         self._keepers: list[asyncio.Task] = []
 
     def settings(self) -> dict:
@@ -198,6 +198,10 @@ class Relays:
             raise RuntimeError(f"gateway.processes: {self.count} relay processes did not all listen on "
                                f"{self.host}:{self.port} within {START_TIMEOUT_S:.0f}s (see their log)") from None
         log.info("gateway.relays_listening", relays=self.count, pids=[p.pid for p in self.processes])
+
+    @property
+    def listening(self) -> bool:
+        return self._listening.is_set()
 
     def _connected(self, end: RelayEnd) -> RelayEnd:
         self.ends.add(end)

@@ -25,6 +25,7 @@ import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
+import structlog
 from aiohttp import web
 from multidict import CIMultiDict
 
@@ -39,7 +40,10 @@ from .failover import NotContinued, Progress
 from .policies import Decision, RouteRequest, Worker
 from .routing_text import RoutingText, is_batch
 from .sessions import Sessions
+from .status import Attempt
 from .upstream import Answer, Upstream, UpstreamError
+
+log = structlog.get_logger(__name__)
 
 PROXIED = ("/v1/chat/completions", "/v1/completions", "/generate")
 RETRY_STATUSES = {502, 503}
@@ -73,6 +77,8 @@ class RequestPath(ABC):
         # Ids for requests that bring none: 32 hex digits, a random prefix per process and a counter (a uuid4
         # per request would cost a system call for randomness the id does not need).
         self._request_ids = map("{}{:016x}".format, itertools.repeat(os.urandom(8).hex()), itertools.count())
+        # The request log, bound once: the module's lazy proxy resolves itself again on every line.
+        self._request_log = log.bind()
 
     async def proxy(self, request: web.Request) -> web.StreamResponse:
         """A proxied request, counted by the status the client gets: the engine's, or the gateway's own
@@ -252,6 +258,19 @@ class RequestPath(ABC):
             self._book_cache(outcome.decision, usage)
         return None
 
+    def _record(self, path: str, request_id: str, outcome: Outcome, started: float) -> None:
+        """Every attempt's log line, metrics and status-page entry, from its outcome (a stream's once its first
+        byte is in). The line is written by the process that ran the attempt."""
+        attempt = Attempt.of(path, outcome, started)
+        fields = dict(request_id=request_id, path=path, worker=attempt.worker, route=attempt.route,
+                      matched_bytes=attempt.matched_bytes, status=attempt.status,
+                      seconds=round(time.perf_counter() - started, 4))
+        if attempt.ttfb_s is None:  # no answer
+            self._request_log.info("gateway.attempt_failed", why=attempt.why, **fields)
+        else:
+            self._request_log.info("gateway.request", **fields)
+        self._book(attempt, outcome.decision, outcome.usage)
+
     # ---- the routing state's hooks ----------------------------------------------------------------------
 
     @property
@@ -276,8 +295,8 @@ class RequestPath(ABC):
     async def _release(self, worker: Worker, lease: object) -> None: ...
 
     @abstractmethod
-    def _record(self, path: str, request_id: str, outcome: Outcome, started: float) -> None:
-        """Every attempt's metrics, log line and status-page entry, from its outcome."""
+    def _book(self, attempt: Attempt, decision: Decision, usage: Usage | None) -> None:
+        """An attempt's metrics and status-page entry (`_record` writes its log line)."""
 
     @abstractmethod
     def _book_cache(self, decision: Decision, usage: Usage) -> None:

@@ -257,7 +257,8 @@ def test_window_spans_its_newest_values_once_over_its_limit():
 
 
 def test_failed_attempts_are_the_pages_errors_and_error_rate():
-    from sglang_gw.gateway.app import Gateway, Outcome
+    from sglang_gw.gateway.app import Gateway
+    from sglang_gw.gateway.request_path import Outcome
     from sglang_gw.gateway.status import Attempt
     from sglang_gw.gateway.policies import Decision
 
