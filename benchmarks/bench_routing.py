@@ -64,10 +64,11 @@ async def run_trace(url: str, engines: list[str], config: BenchConfig) -> dict:
             "load_ratio": max(mean_loads) / mean if mean else float("nan")}
 
 
-def run_policy(policy: str, engines: list[str], trace: MultiTurnWorkload, concurrency: int, model: str) -> dict:
+def run_policy(policy: str, engines: list[str], trace: MultiTurnWorkload, concurrency: int, model: str,
+               processes: int = 1) -> dict:
     port = free_port()
     config = {"port": port, "workers": [{"url": u, "name": f"e{i}"} for i, u in enumerate(engines)],
-              "policy": {"name": policy}, "health": {"interval": 1.0}}
+              "policy": {"name": policy}, "health": {"interval": 1.0}, "processes": processes}
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
         yaml.safe_dump(config, f)
     proc = subprocess.Popen([sys.executable, "-m", "sglang_gw.cli", "gateway", "--config", f.name,
@@ -92,6 +93,8 @@ def main() -> None:
     ap.add_argument("--concurrency", type=int, default=8)
     ap.add_argument("--kv-tokens", type=int, default=3000, help="KV pool per engine, in tokens")
     ap.add_argument("--policies", default="prefix_affinity,round_robin,least_conn,power_of_two")
+    ap.add_argument("--processes", default="1", help="gateway processes to run each policy with, e.g. 1,2 "
+                    "(more than 1: relays sharing the port, one routing state)")
     args = ap.parse_args()
 
     model_dir = args.model
@@ -117,9 +120,10 @@ def main() -> None:
         print(f"{args.engines} engines ({args.kv_tokens}-token KV pools), {args.tenants} tenants x {args.turns} "
               f"turns, concurrency {args.concurrency}")
         for policy in args.policies.split(","):
-            r = run_policy(policy, urls, trace, args.concurrency, "m")
-            print(f"{policy:16s} engine-reported prefix-cache hit rate {r['hit_rate']:.3f}   "
-                  f"max/mean in-flight {r['load_ratio']:.2f}", flush=True)
+            for processes in map(int, args.processes.split(",")):
+                r = run_policy(policy, urls, trace, args.concurrency, "m", processes)
+                print(f"{policy:16s} processes {processes}: engine-reported prefix-cache hit rate {r['hit_rate']:.3f}"
+                      f"   max/mean in-flight {r['load_ratio']:.2f}", flush=True)
     finally:
         for proc in procs:
             proc.terminate()
