@@ -159,6 +159,7 @@ class Relay(RequestPath):
             self.sessions = Sessions(self.config.session)
         self.sessions.settings = self.config.session
         self.uses_text = message["text"]
+        # Loaded here, in the loop: once per model, at the start or when a worker brings a new model.
         for model, path in message["tpl"].items():
             if self.routing_text.paths.get(model) != path:
                 self.routing_text.add_template(model, path)

@@ -167,13 +167,14 @@ class Relays:
     def __init__(self, gateway: Gateway, host: str, port: int):
         self.gateway, self.host, self.port = gateway, host, port
         self.count = gateway.config.processes
-        self.dir = Path(tempfile.mkdtemp(prefix="sglang-gw-"))
+        self.dir = Path(tempfile.mkdtemp(prefix="sglang-gw-"))  # mode 0700: only this user reaches the sockets
         self.link_path, self.control_path = str(self.dir / "link.sock"), str(self.dir / "control.sock")
         self.lease_ids = itertools.count()
         self.ends: set[RelayEnd] = set()
         self.processes: list[asyncio.subprocess.Process | None] = [None] * self.count
         self.stopping = False
         self._listening = asyncio.Event()  # set once every relay has said hello, at the start
+        self._start_failed: asyncio.Future = asyncio.get_running_loop().create_future()  # a relay exited first
         self._keepers: list[asyncio.Task] = []
 
     def settings(self) -> dict:
@@ -191,12 +192,16 @@ class Relays:
         loop = asyncio.get_running_loop()
         self._server = await loop.create_unix_server(lambda: self._connected(RelayEnd(self)), self.link_path)
         self._keepers = [loop.create_task(self._keep(i)) for i in range(self.count)]
-        try:
-            await asyncio.wait_for(self._listening.wait(), START_TIMEOUT_S)
-        except asyncio.TimeoutError:
+        listening = asyncio.ensure_future(self._listening.wait())
+        await asyncio.wait([listening, self._start_failed], timeout=START_TIMEOUT_S,
+                           return_when=asyncio.FIRST_COMPLETED)
+        if not listening.done():
+            listening.cancel()
             await self.stop()
-            raise RuntimeError(f"gateway.processes: {self.count} relay processes did not all listen on "
-                               f"{self.host}:{self.port} within {START_TIMEOUT_S:.0f}s (see their log)") from None
+            why = self._start_failed.result() if self._start_failed.done() else \
+                f"did not all listen within {START_TIMEOUT_S:.0f}s"
+            raise RuntimeError(f"gateway.processes: the relay processes on {self.host}:{self.port} {why} "
+                               f"(see their log)")
         log.info("gateway.relays_listening", relays=self.count, pids=[p.pid for p in self.processes])
 
     @property
@@ -221,6 +226,10 @@ class Relays:
                 str(self.port), level, fmt)
             code = await process.wait()
             if self.stopping:
+                return
+            if not self._listening.is_set():  # at the start (the port taken, say): the gateway does not start
+                if not self._start_failed.done():
+                    self._start_failed.set_result(f"failed: relay {index} exited with code {code} before listening")
                 return
             log.warning("gateway.relay_exited", relay=index, pid=process.pid, code=code)
             await asyncio.sleep(RESTART_DELAY_S)

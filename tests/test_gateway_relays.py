@@ -189,7 +189,7 @@ def test_shutdown_lets_a_relayed_stream_finish(tmp_path):
 
 
 def _cut_short(url: str, body: dict, key: str) -> None:
-    with contextlib.suppress(http.client.IncompleteRead):  # its relay is killed mid-stream
+    with contextlib.suppress(http.client.HTTPException, OSError):  # its relay is killed mid-stream
         _post(url, body, key)
 
 
@@ -261,3 +261,21 @@ def test_a_request_that_leaves_while_queued_holds_no_lease(tmp_path):
             assert statuses == [200] * 4  # the key's one slot is free again
     finally:
         stop_process(fake)
+
+
+def test_relays_that_cannot_listen_stop_the_gateway(tmp_path):
+    """The port taken by another program: the gateway exits at once, naming the relays, instead of
+    restarting them forever."""
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        path = tmp_path / "gateway.yaml"
+        path.write_text(yaml.safe_dump({"port": taken.getsockname()[1], "processes": 2,
+                                        "workers": [{"url": f"http://127.0.0.1:{free_port()}"}]}))
+        started = time.monotonic()
+        result = subprocess.run([sys.executable, "-m", "sglang_gw.cli", "gateway", "--config", str(path),
+                                 "--log-format", "json"], capture_output=True, text=True, timeout=60)
+    assert result.returncode != 0 and "gateway.processes" in result.stderr and "before listening" in result.stderr
+    assert time.monotonic() - started < 30
