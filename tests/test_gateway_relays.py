@@ -30,6 +30,7 @@ from sglang_gw.validation import ConfigError
 MODEL = "tiny"
 KEY, LIMITED = "sk-gw-relay-tests-key", "sk-gw-relay-tests-limited"
 ADMIN = "sk-gw-relay-tests-admin"
+ONE_AT_A_TIME = [{"name": "one", "hash": hash_key(LIMITED), "max_concurrent": 1}, {"name": "k", "hash": hash_key(KEY)}]
 
 
 @pytest.fixture(scope="module")
@@ -142,17 +143,11 @@ def test_key_limits_hold_across_relays(engines, tmp_path):
 
 def test_a_dead_relay_releases_its_leases_and_is_started_again(tmp_path):
     fake, fake_url = fake_server.spawn(itl=0.05)
-    keys = [{"name": "one", "hash": hash_key(LIMITED), "max_concurrent": 1}, {"name": "k", "hash": hash_key(KEY)}]
+    keys = ONE_AT_A_TIME
     try:
         with gateway([fake_url], tmp_path, auth={"keys": keys}) as (url, proc):
             before = relays_of(proc)
-            stream = threading.Thread(target=_cut_short, args=(url, {"model": "fake", "prompt": "hi", "max_tokens": 200,
-                                                                      "stream": True}, LIMITED), daemon=True)
-            stream.start()
-            deadline = time.monotonic() + 10
-            while inflight(url) != 1:
-                assert time.monotonic() < deadline, "the stream never started"
-                time.sleep(0.05)
+            stream = _stream_in_flight(url, LIMITED, 200)
             status, body, _ = _post(url, {"model": "fake", "prompt": "hi", "max_tokens": 1}, LIMITED)
             assert status == 429 and body["error"]["code"] == "concurrency_limit_exceeded"
             for pid in before:  # whichever relay holds the stream
@@ -188,9 +183,19 @@ def test_shutdown_lets_a_relayed_stream_finish(tmp_path):
         stop_process(fake)
 
 
-def _cut_short(url: str, body: dict, key: str) -> None:
-    with contextlib.suppress(http.client.HTTPException, OSError):  # its relay is killed mid-stream
-        _post(url, body, key)
+def _stream_in_flight(url: str, key: str, tokens: int) -> threading.Thread:
+    """A stream of `tokens` from the slow fake engine, read in a thread; returns once the gateway counts it."""
+    def read() -> None:
+        with contextlib.suppress(http.client.HTTPException, OSError):  # a test may kill its relay
+            _post(url, {"model": "fake", "prompt": "hi", "max_tokens": tokens, "stream": True}, key)
+
+    stream = threading.Thread(target=read, daemon=True)
+    stream.start()
+    deadline = time.monotonic() + 10
+    while inflight(url) != 1:
+        assert time.monotonic() < deadline, "the stream never started"
+        time.sleep(0.05)
+    return stream
 
 
 def _post(url: str, body: dict, key: str) -> tuple[int, dict | bytes, dict]:
@@ -238,16 +243,10 @@ def test_a_request_that_leaves_while_queued_holds_no_lease(tmp_path):
     """The choice a relay asked for comes back after its client left (it waited for a worker below its cap):
     the relay gives the lease straight back, and the key's admission ends with the request."""
     fake, fake_url = fake_server.spawn(itl=0.02)
-    keys = [{"name": "one", "hash": hash_key(LIMITED), "max_concurrent": 1}, {"name": "k", "hash": hash_key(KEY)}]
+    keys = ONE_AT_A_TIME
     try:
         with gateway([fake_url], tmp_path, auth={"keys": keys}, max_inflight_per_worker=1) as (url, proc):
-            busy = threading.Thread(target=_post, args=(url, {"model": "fake", "prompt": "hi", "max_tokens": 100,
-                                                               "stream": True}, KEY), daemon=True)
-            busy.start()
-            deadline = time.monotonic() + 10
-            while inflight(url) != 1:
-                assert time.monotonic() < deadline, "the stream never started"
-                time.sleep(0.05)
+            busy = _stream_in_flight(url, KEY, 100)
             with contextlib.suppress(TimeoutError, urllib.error.URLError):  # queued, then given up by its client
                 urllib.request.urlopen(urllib.request.Request(
                     url + "/v1/completions", json.dumps({"model": "fake", "prompt": "hi", "max_tokens": 1}).encode(),
