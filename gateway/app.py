@@ -31,7 +31,6 @@ from ..validation import describe
 from .auth import Authenticator, KeyState, hash_key
 from .config import GatewayConfig, WorkerConfig
 from .discovery import DnsDiscovery
-from .failover import Progress
 from .health import State, Trial, WorkerHealth
 from .metrics import GatewayMetrics
 from .relays import Relays, serving
@@ -167,11 +166,10 @@ class Gateway(RequestPath):
         return sum(w.inflight for w in self.workers)
 
     def stop_admitting(self) -> None:
-        """Shutdown: requests from now on get 503 (and /ready fails) while those in flight finish; relays
-        stop accepting connections."""
+        """Shutdown: requests from now on get 503 (and /ready fails) while those in flight finish, the
+        relays' as well."""
         self.admitting = False
-        if self.relays is not None:
-            self.relays.terminate()
+        self._settings_changed()
 
     async def _probe_forever(self) -> None:
         """Rounds every interval that no slow worker holds up: a worker whose last probe is still out
@@ -444,13 +442,8 @@ class Gateway(RequestPath):
         self.metrics.latency_by[path,].observe(seconds)
         self.metrics.responses_by[path, str(status)].inc()
 
-    def _client_left(self, request_id: str) -> None:
+    def _count_disconnect(self) -> None:
         self.metrics.client_disconnects.inc()
-        log.info("gateway.client_disconnected", request_id=request_id)
-
-    def _stream_failed(self, request_id: str, worker: str, why: str, progress: Progress) -> None:
-        log.info("gateway.stream_failed", request_id=request_id, worker=worker, why=why,
-                 choices=len(progress.ids), tokens=sum(map(len, progress.ids.values())))
 
     # ---- the gateway's own endpoints --------------------------------------------------------------
 

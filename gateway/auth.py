@@ -67,10 +67,15 @@ class Authenticator:
         """The key's state, or 401. None when no keys are configured (the gateway is open)."""
         if not self.keys:
             return None
-        digest = hash_key(presented_key(request))
+        return self.by_digest(hash_key(presented_key(request)))
+
+    def by_digest(self, digest: str | None) -> KeyState | None:
+        """The state of the key with this hash, or 401; None when no keys are configured."""
+        if not self.keys:
+            return None
         found = None
         for state in self.keys:  # every comparison runs: no early exit to time
-            if hmac.compare_digest(state.digest, digest):
+            if digest is not None and hmac.compare_digest(state.digest, digest):
                 found = state
         if found is None:
             raise APIError(401, "invalid or missing API key", code="invalid_api_key")

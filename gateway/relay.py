@@ -24,6 +24,7 @@ import aiohttp
 import structlog
 import uvloop
 from aiohttp import web
+from multidict import CIMultiDict
 
 from ..errors import APIError, error_middleware
 from ..logs import configure_logging
@@ -32,7 +33,6 @@ from ..serving import listening
 from .auth import Authenticator, KeyState
 from .cache_prediction import Usage
 from .config import GatewaySettings
-from .failover import Progress
 from .policies import Decision, RouteRequest, Worker
 from .relay_link import Link
 from .request_path import NOT_RELAYED, PROXIED, RequestPath
@@ -43,6 +43,9 @@ from .upstream import Upstream
 
 log = structlog.get_logger(__name__)
 
+# Passed over on pass-through, both ways: hop-by-hop headers and the framing aiohttp redoes (the body arrives
+# decoded). Unlike a proxied answer's, the client's x-request-id goes through.
+PASSED_OVER = (NOT_RELAYED | {"host"}) - {"x-request-id"}
 PROGRESS_EVERY_S = 1.0  # a lease's progress events at most this often (the stall watchdog counts tens of seconds)
 
 
@@ -110,13 +113,22 @@ class GatewayLink(Link):
         self._questions = itertools.count()
 
     async def ask(self, message: dict) -> dict:
+        """The gateway process's answer. A request that goes away while asking (its client left) takes its
+        question back: a choice still waiting for capacity is cancelled there, and a lease that came back
+        meanwhile is released."""
         if self.closed.done():
-            raise APIError(503, "the gateway is restarting", code="gateway_unavailable", headers={"Retry-After": "1"})
+            raise gateway_unavailable()
         q = message["q"] = next(self._questions)
         answer = self._asked[q] = asyncio.get_running_loop().create_future()
         self.send(message)
         try:
             return await answer
+        except asyncio.CancelledError:
+            if answer.cancelled():  # (with its task) still unanswered
+                self.send({"t": "cancel", "q": q})
+            elif answer.exception() is None and "lease" in answer.result():  # answered, but not taken
+                self.send({"t": "release", "l": answer.result()["lease"]})
+            raise
         finally:
             self._asked.pop(q, None)
 
@@ -132,8 +144,7 @@ class GatewayLink(Link):
         super().connection_lost(exc)
         for answer in self._asked.values():
             if not answer.done():
-                answer.set_exception(APIError(503, "the gateway is restarting", code="gateway_unavailable",
-                                              headers={"Retry-After": "1"}))
+                answer.set_exception(gateway_unavailable())
 
 
 class Relay(RequestPath):
@@ -159,6 +170,7 @@ class Relay(RequestPath):
             self.sessions = Sessions(self.config.session)
         self.sessions.settings = self.config.session
         self.uses_text = message["text"]
+        self.admitting = message["admitting"]
         # Loaded here, in the loop: once per model, at the start or when a worker brings a new model.
         for model, path in message["tpl"].items():
             if self.routing_text.paths.get(model) != path:
@@ -176,8 +188,10 @@ class Relay(RequestPath):
         return app
 
     async def _start(self, app) -> None:
+        # No timeout of its own: the gateway process bounds its control calls (a fan-out to every worker).
         self.control = aiohttp.ClientSession(connector=aiohttp.UnixConnector(self._control_socket),
-                                             cookie_jar=aiohttp.DummyCookieJar())
+                                             cookie_jar=aiohttp.DummyCookieJar(),
+                                             timeout=aiohttp.ClientTimeout(total=None))
 
     async def _stop(self, app) -> None:
         self.upstream.close()
@@ -185,16 +199,15 @@ class Relay(RequestPath):
 
     async def pass_through(self, request: web.Request) -> web.StreamResponse:
         """Any other path, answered by the gateway process (the paths and methods it serves, its errors)."""
-        headers = {k: v for k, v in request.headers.items() if k.lower() not in NOT_RELAYED and k.lower() != "host"}
+        headers = CIMultiDict((k, v) for k, v in request.headers.items() if k.lower() not in PASSED_OVER)
         try:
             async with self.control.request(request.method, "http://gateway" + request.path_qs, headers=headers,
                                             data=await request.read()) as answer:
                 body = await answer.read()
-                relayed = {k: v for k, v in answer.headers.items() if k.lower() not in NOT_RELAYED}
+                relayed = CIMultiDict((k, v) for k, v in answer.headers.items() if k.lower() not in PASSED_OVER)
                 return web.Response(status=answer.status, body=body, headers=relayed)
-        except aiohttp.ClientError as exc:
-            raise APIError(503, f"the gateway is restarting ({type(exc).__name__})", code="gateway_unavailable",
-                           headers={"Retry-After": "1"}) from None
+        except aiohttp.ClientError:
+            raise gateway_unavailable() from None
 
     # ---- the request path's hooks (request_path.py), asked of the gateway process ----------------------
 
@@ -209,7 +222,7 @@ class Relay(RequestPath):
                       route: RouteRequest) -> Decision | None:
         admission.held = True  # from the first choice on (the gateway process ends it itself when it refuses)
         answer = await self.link.ask({
-            "t": "choose", "a": admission.handle, "k": admission.key.name if admission.key else None, "m": model,
+            "t": "choose", "a": admission.handle, "k": admission.key.digest if admission.key else None, "m": model,
             "x": route.text, "s": route.session.hex() if route.session else None, "b": route.batch,
             "tried": sorted(tried)})
         if "e" in answer:
@@ -238,13 +251,13 @@ class Relay(RequestPath):
     def _finished(self, path: str, status: int, seconds: float) -> None:
         self.link.send({"t": "fin", "p": path, "st": status, "sec": seconds})
 
-    def _client_left(self, request_id: str) -> None:
+    def _count_disconnect(self) -> None:
         self.link.send({"t": "left"})
-        log.info("gateway.client_disconnected", request_id=request_id)
 
-    def _stream_failed(self, request_id: str, worker: str, why: str, progress: Progress) -> None:
-        log.info("gateway.stream_failed", request_id=request_id, worker=worker, why=why,
-                 choices=len(progress.ids), tokens=sum(map(len, progress.ids.values())))
+
+def gateway_unavailable() -> APIError:
+    return APIError(503, "the gateway process is not reachable", code="gateway_unavailable",
+                    headers={"Retry-After": "1"})
 
 
 def _usage(usage: Usage | None) -> list[int] | None:

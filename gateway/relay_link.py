@@ -2,10 +2,12 @@
 Unix socket, each a 4-byte big-endian length and an orjson-encoded dict whose "t" names its kind.
 
 relay → gateway, per proxied request (request_path.py's hooks):
+    hello    {pid}           the relay listens on the port
     choose   {q, a, k, m, x, s, b, tried}  → chosen {q, lease, w, u, r, mb, pb} | chosen {q} (none left)
-                                             | refused {q, e: {status, message, param, code, headers}}
-             the first of a request (`tried` empty) admits it under the relay's handle `a` (key `k`)
-    ev       {l, e, v}       a health event of lease `l`: connect_error, response, stream_failed, progress
+                                             | chosen {q, e: {status, message, param, code, headers}} (refused)
+             the first of a request (`tried` empty) admits it under the relay's handle `a` (key hash `k`)
+    cancel   {q}             the question's request went away (a choice waiting for capacity is dropped)
+    ev       {l, e, v}       a health event of lease `l` (HEALTH_EVENTS)
     release  {l}             the attempt's lease ends
     end      {a}             the request's admission ends
     rec      {…}             an attempt to book (metrics, status page; the relay writes its log line)
@@ -13,8 +15,9 @@ relay → gateway, per proxied request (request_path.py's hooks):
     fin      {p, st, sec}    the request's end: its client's status and duration
     left     {}              a client went away before its answer's end
 gateway → relay:
-    settings {c, text, tpl}  the gateway settings, whether the policy reads the routing text, and the
-                             chat template path of each model; sent first and again on each change
+    settings {c, admitting, text, tpl}  the gateway settings, whether it admits requests (not once shutdown
+                             begins), whether the policy reads the routing text, and the chat template path of
+                             each model; sent first and again on each change
 
 Writes made in one event-loop iteration leave in one system call at its end: a request's one-way
 messages (release, rec, fin) cost one write between them.
@@ -28,6 +31,8 @@ import struct
 import orjson
 
 _LENGTH = struct.Struct(">I")
+# The health events a relay reports of a leased worker: health.WorkerHealth's request-path methods.
+HEALTH_EVENTS = frozenset({"connect_error", "response", "stream_failed", "progress"})
 
 
 class Link(asyncio.Protocol):

@@ -29,7 +29,7 @@ from .cache_prediction import Usage
 from .config import GatewaySettings
 from .health import Trial
 from .policies import Decision, RouteRequest, Worker
-from .relay_link import Link
+from .relay_link import HEALTH_EVENTS, Link
 from .request_path import shutting_down
 from .status import Attempt
 
@@ -40,7 +40,9 @@ log = structlog.get_logger(__name__)
 
 RESTART_DELAY_S = 1.0  # before a relay that exited is started again
 START_TIMEOUT_S = 60.0  # for every relay to listen, at the start
-HEALTH_EVENTS = frozenset({"connect_error", "response", "stream_failed", "progress"})  # what a relay may report
+# A relay's shutdown: its aiohttp runner waits up to 60 s for the requests it holds (as the gateway's own does
+# with processes: 1); past that margin more it is killed.
+RELAY_STOP_S = 70.0
 
 
 class RelayEnd(Link):
@@ -52,21 +54,31 @@ class RelayEnd(Link):
         self.index: int | None = None  # which relay, once it says hello
         self.leases: dict[int, tuple[GatewayWorker, Trial | None]] = {}
         self.admissions: dict[int, contextlib.AbstractContextManager] = {}
-        self._choosing: set[asyncio.Task] = set()
+        self._choosing: dict[int, asyncio.Task] = {}  # choices waiting (for capacity), by the relay's question
 
     def connection_made(self, transport) -> None:
         super().connection_made(transport)
         self.send(self.relays.settings())
 
     def received(self, m: dict) -> None:
+        try:
+            self._dispatch(m)
+        except Exception:  # noqa: BLE001 — one bad message must not drop the relay's link and its requests
+            log.exception("gateway.relay_message_failed", relay=self.index, kind=m.get("t"))
+
+    def _dispatch(self, m: dict) -> None:
+        # The gateway's request-path hooks (request_path.py) are the routing state's API: a relay's messages
+        # call the same ones the gateway's own requests do.
         kind, g = m["t"], self.gateway
         if kind == "choose":
             # A request's first choice admits it here, before any later message of the link (its "end") is read.
             if not m["tried"] and not self._admitted(m):
                 return
-            task = asyncio.get_running_loop().create_task(self._choose(m))
-            self._choosing.add(task)
-            task.add_done_callback(self._choosing.discard)
+            task = self._choosing[m["q"]] = asyncio.get_running_loop().create_task(self._choose(m))
+            task.add_done_callback(lambda _: self._choosing.pop(m["q"], None))
+        elif kind == "cancel":  # its client left while the choice waited for capacity
+            if (task := self._choosing.get(m["q"])) is not None:
+                task.cancel()
         elif kind == "ev":
             if (lease := self.leases.get(m["l"])) is not None and m["e"] in HEALTH_EVENTS:
                 event = getattr(lease[0].health, m["e"])
@@ -86,7 +98,7 @@ class RelayEnd(Link):
             g._finished(m["p"], m["st"], m["sec"])
             g.metrics.relay_requests_by[str(self.index),].inc()
         elif kind == "left":
-            g.metrics.client_disconnects.inc()
+            g._count_disconnect()
         elif kind == "hello":
             self.relays.said_hello(self, m["pid"])
 
@@ -108,7 +120,10 @@ class RelayEnd(Link):
         try:
             route = RouteRequest(m["x"], bytes.fromhex(m["s"]) if m["s"] else None, m["b"])
             decision = await g._choose(m["m"], None, tried, route)
-        except APIError as exc:
+        except Exception as exc:  # noqa: BLE001 — an unexpected one is a 500, as the error middleware makes it
+            if not isinstance(exc, APIError):
+                log.exception("gateway.relay_choice_failed", relay=self.index)
+                exc = APIError(500, f"internal error: {exc}", code="internal_error")
             if not tried:
                 self._end(m["a"])
             self._refuse(m, exc)
@@ -126,15 +141,9 @@ class RelayEnd(Link):
         self.send({"t": "chosen", "q": m["q"], "e": {"status": exc.status, "message": exc.message, "param": exc.param,
                                                       "code": exc.code, "headers": exc.headers}})
 
-    def _key(self, name: str | None) -> KeyState | None:
-        """The key the relay identified, by name (a reload may have removed it since: 401 then)."""
-        keys = self.gateway.auth.keys
-        if name is None and not keys:
-            return None
-        for state in keys:
-            if state.name == name:
-                return state
-        raise APIError(401, "invalid or missing API key", code="invalid_api_key")
+    def _key(self, digest: str | None) -> KeyState | None:
+        """The key the relay identified, by its hash (a reload may have removed it since: 401 then)."""
+        return self.gateway.auth.by_digest(digest)
 
     def _end(self, handle: int) -> None:
         if (admission := self.admissions.pop(handle, None)) is not None:
@@ -146,7 +155,7 @@ class RelayEnd(Link):
 
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)
-        for task in self._choosing:
+        for task in self._choosing.values():
             task.cancel()
         if self.leases or self.admissions:
             log.warning("gateway.relay_link_lost", relay=self.index, leases=len(self.leases),
@@ -179,7 +188,7 @@ class Relays:
 
     def settings(self) -> dict:
         config = self.gateway.config.model_dump(mode="json", include=set(GatewaySettings.model_fields))
-        return {"t": "settings", "c": config,
+        return {"t": "settings", "c": config, "admitting": self.gateway.admitting,
                 "text": self.gateway.policy.uses_text, "tpl": self.gateway.routing_text.paths}
 
     def push_settings(self) -> None:
@@ -221,9 +230,16 @@ class Relays:
         """Relay `index`, started again whenever it exits until the gateway stops."""
         level, fmt = configured
         while not self.stopping:
-            process = self.processes[index] = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "sglang_gw.gateway.relay", self.link_path, self.control_path, self.host,
-                str(self.port), level, fmt)
+            try:
+                process = self.processes[index] = await asyncio.create_subprocess_exec(
+                    sys.executable, "-m", "sglang_gw.gateway.relay", self.link_path, self.control_path, self.host,
+                    str(self.port), level, fmt)
+            except OSError as exc:  # out of processes or files, say: tried again
+                log.error("gateway.relay_not_started", relay=index, error=str(exc))
+                await asyncio.sleep(RESTART_DELAY_S)
+                continue
+            if self.stopping:  # stop began while it was being started: stop() did not see it
+                process.terminate()
             code = await process.wait()
             if self.stopping:
                 return
@@ -234,15 +250,12 @@ class Relays:
             log.warning("gateway.relay_exited", relay=index, pid=process.pid, code=code)
             await asyncio.sleep(RESTART_DELAY_S)
 
-    def terminate(self) -> None:
-        """Shutdown begins: the relays stop accepting connections and finish the requests they hold."""
+    async def stop(self, timeout: float = RELAY_STOP_S) -> None:
+        """The relays stop accepting connections and finish the requests they hold, then exit."""
         self.stopping = True
         for process in self.processes:
             if process is not None and process.returncode is None:
                 process.terminate()
-
-    async def stop(self, timeout: float = 30.0) -> None:
-        self.terminate()
         running = [p for p in self.processes if p is not None and p.returncode is None]
         if running:
             await asyncio.wait([asyncio.ensure_future(p.wait()) for p in running], timeout=timeout)

@@ -115,6 +115,15 @@ class RequestPath(ABC):
             self._client_left(request_id)
             raise
 
+    def _client_left(self, request_id: str) -> None:
+        self._count_disconnect()
+        log.info("gateway.client_disconnected", request_id=request_id)
+
+    def _stream_failed(self, request_id: str, worker: str, why: str, progress: Progress) -> None:
+        """A stream's worker failed mid-answer (the next attempt may continue it)."""
+        log.info("gateway.stream_failed", request_id=request_id, worker=worker, why=why,
+                 choices=len(progress.ids), tokens=sum(map(len, progress.ids.values())))
+
     async def _route(self, request: web.Request, request_id: str, body: dict, model: str | None, admission,
                      raw: bytes, started: float) -> web.StreamResponse:
         """Attempts until a worker answers, each on a worker not tried yet while there is one. Until the
@@ -280,12 +289,13 @@ class RequestPath(ABC):
 
     @abstractmethod
     def _admit(self, key: KeyState | None, model: str | None) -> contextlib.AbstractContextManager:
-        """The request admitted for the whole of its path (404 for a model nobody serves; the key's
-        model list and limits: 403, 429)."""
+        """The request admitted for the whole of its path under its key's model list and limits (403, 429)."""
 
     @abstractmethod
-    async def _choose(self, model: str | None, admission, tried: set[str], route: RouteRequest) -> Decision | None:
-        """The next attempt's worker (untried ones first), or None when none is left."""
+    async def _choose(self, model: str | None, admission: contextlib.AbstractContextManager, tried: set[str],
+                      route: RouteRequest) -> Decision | None:
+        """The next attempt's worker (untried ones first), or None when none is left; the first choice
+        refuses a model nobody serves (404) and, with no worker ready, 503."""
 
     @abstractmethod
     def _lease(self, worker: Worker) -> object:
@@ -307,12 +317,8 @@ class RequestPath(ABC):
         """The request's end: the status its client got, and how long it took."""
 
     @abstractmethod
-    def _client_left(self, request_id: str) -> None:
-        """The client went away before its answer's end (a normal ending, counted)."""
-
-    @abstractmethod
-    def _stream_failed(self, request_id: str, worker: str, why: str, progress: Progress) -> None:
-        """A stream's worker failed mid-answer (the next attempt may continue it)."""
+    def _count_disconnect(self) -> None:
+        """A client went away before its answer's end (a normal ending, counted)."""
 
 
 def shutting_down() -> APIError:

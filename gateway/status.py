@@ -5,8 +5,9 @@ The document is assembled from what the gateway already knows — its workers, t
 flight and queued, the routing policy's decisions, the supervisor's phases and restarts when it runs
 under `serve` — plus the engines' own figures (running and queued requests, KV use, tokens, cache hits,
 TTFT), read from their /metrics only while someone polls: at most once per half refresh interval,
-shared by every open page. Recent attempts come from Gateway._record into bounded rings; rates and
-percentiles are counted here over a sliding window, never read back from Prometheus text.
+shared by every open page. Recent attempts come from Gateway._book (a relay's over its link) into
+bounded rings; rates and percentiles are counted here over a sliding window, never read back from
+Prometheus text.
 
 The page polls rather than holding an event stream: EventSource cannot send the admin key's header.
 """
@@ -165,7 +166,7 @@ class StatusPage:
     # ---- fed by the request path ----------------------------------------------------------------------
 
     def attempted(self, attempt: Attempt) -> None:
-        """One attempt, as Gateway.book_attempt sees it (a stream's once its first byte is in)."""
+        """One attempt, as Gateway._book sees it (a stream's once its first byte is in)."""
         self.window.add(attempt)
         self.decisions.append(attempt)
         if attempt.failed:
