@@ -17,9 +17,9 @@ DONE = "[DONE]"  # what `sse_event` returns for the stream's last line
 
 
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A free port for a server to bind later: below the ephemeral range, so that no outgoing
+    connection takes it meanwhile (a port the kernel hands out for port 0 can be, and was, in CI)."""
+    return free_port_range(1)
 
 
 def _ephemeral_start() -> int:
@@ -30,18 +30,25 @@ def _ephemeral_start() -> int:
         return 32768
 
 
+_handed_out: set[int] = set()  # ports this process returned: two calls never share one
+
+
 def free_port_range(count: int) -> int:
     """The first of `count` consecutive free ports on 127.0.0.1, below the ephemeral range: a port there
     stays free until a server binds it (an outgoing connection could take an ephemeral one meanwhile)."""
     top = max(_ephemeral_start(), 20000 + 2 * count) - count
     for _ in range(200):
         base = random.randint(10000, top)
+        ports = set(range(base, base + count))
+        if ports & _handed_out:
+            continue
         socks = []
         try:
             for port in range(base, base + count):
                 sock = socket.socket()
                 socks.append(sock)
                 sock.bind(("127.0.0.1", port))
+            _handed_out.update(ports)
             return base
         except OSError:
             continue
