@@ -30,7 +30,7 @@ from pathlib import Path
 import aiohttp
 import yaml
 
-from sglang_gw.testing import free_port, free_port_range, stop_process, wait_http
+from sglang_gw.testing import free_port, stop_process, wait_http
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL = "builtin:smollm2-135m-instruct"
@@ -117,7 +117,7 @@ def measure_tree(name: str, env: dict, engine_url: str, args) -> dict:
         out.update({f"gateway_{k}": v for k, v in gateway.items()})
         port = free_port()
         serve = measure_process(["serve", str(configs / "default.yaml"), "--set", f"gateway.port={port}",
-                                 "--set", "engines.0.count=1", "--set", f"engines.0.base_port={free_port_range(1)}",
+                                 "--set", "engines.0.count=1", "--set", f"engines.0.base_port={free_port()}",
                                  "--set", "gateway.health.interval=0.5", "--set", "logging.format=json"],
                                 env, f"http://127.0.0.1:{port}", args.requests)
         out.update({f"serve_{k}": v for k, v in serve.items()})

@@ -24,7 +24,6 @@ from ..errors import APIError
 from ..logs import configured
 from ..serving import listening
 
-from .auth import KeyState
 from .cache_prediction import Usage
 from .config import GatewaySettings
 from .health import Trial
@@ -107,7 +106,7 @@ class RelayEnd(Link):
         try:
             if not self.gateway.admitting:
                 raise shutting_down()
-            admission = self.gateway.auth.admit(self._key(m["k"]), m["m"])
+            admission = self.gateway.auth.admit(self.gateway.auth.by_digest(m["k"]), m["m"])  # a reload may have removed the key: 401
             admission.__enter__()
         except APIError as exc:
             self._refuse(m, exc)
@@ -140,10 +139,6 @@ class RelayEnd(Link):
     def _refuse(self, m: dict, exc: APIError) -> None:
         self.send({"t": "chosen", "q": m["q"], "e": {"status": exc.status, "message": exc.message, "param": exc.param,
                                                       "code": exc.code, "headers": exc.headers}})
-
-    def _key(self, digest: str | None) -> KeyState | None:
-        """The key the relay identified, by its hash (a reload may have removed it since: 401 then)."""
-        return self.gateway.auth.by_digest(digest)
 
     def _end(self, handle: int) -> None:
         if (admission := self.admissions.pop(handle, None)) is not None:

@@ -212,7 +212,7 @@ class ServeProcess:
             config = str(path)
         self.config_path = Path(config)
         self.key = key  # sent on get() when the config has API keys
-        self.port = free_port_range(1)
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = tmp_path / f"serve-{self.port}.log"
         self.out_path = tmp_path / f"serve-{self.port}.out"

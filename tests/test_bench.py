@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from conftest import ServeProcess, free_port, free_port_range, stop_process, wait_http
+from conftest import ServeProcess, free_port, stop_process, wait_http
 from sglang_gw.bench import fake_server
 from sglang_gw.bench.command import WORKLOAD_FLAGS
 from sglang_gw.bench.report import summarize
@@ -159,7 +159,7 @@ def test_an_unreachable_server_counts_every_request_as_a_connect_error(tmp_path)
 @pytest.fixture(scope="module")
 def serve(tiny_models, tmp_path_factory):
     server = ServeProcess({"engines": [{"model": str(tiny_models["llama"]), "served_model_name": "tiny", "count": 1,
-                                        "base_port": free_port_range(1), "max_total_tokens": 20000,
+                                        "base_port": free_port(), "max_total_tokens": 20000,
                                         "num_threads": 1}]}, tmp_path_factory.mktemp("bench-serve"))
     try:
         server.wait_all_ready()

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import openai
 
-from conftest import ServeProcess, free_port_range, process_gone
+from conftest import ServeProcess, free_port, process_gone
 
 MODEL = "tiny"
 
@@ -29,7 +29,7 @@ def test_command_engine_serves_and_is_restarted_after_kill9(tiny_models, tmp_pat
                "--port", "{port}", "--served-model-name", MODEL, "--num-threads", "1"]
     serve = ServeProcess({
         "gateway": {"health": {"interval": 0.5, "timeout": 2.0, "failure_threshold": 2}},
-        "engines": [{"command": command, "base_port": free_port_range(1), "startup_timeout": 120}],
+        "engines": [{"command": command, "base_port": free_port(), "startup_timeout": 120}],
         "supervisor": {"restart_backoff": 0.2, "restart_backoff_max": 1.0},
     }, tmp_path)
     try:

@@ -17,7 +17,7 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import ServeProcess, free_port_range
+from conftest import ServeProcess, free_port
 from sglang_gw.gateway.status import ENGINE_COUNTERS, ENGINE_GAUGES
 
 REPO = Path(__file__).resolve().parent.parent
@@ -35,7 +35,7 @@ def exported(tiny_models, tmp_path_factory) -> dict[str, set[str]]:
     """The series names a live gateway (under serve: with the supervisor's) and a live engine export,
     including those of labelled metrics with no sample yet (their HELP and TYPE are exported)."""
     config = {"engines": [{"model": str(tiny_models["llama"]), "served_model_name": "tiny", "count": 1,
-                           "base_port": free_port_range(1), "max_total_tokens": 4000, "num_threads": 1}]}
+                           "base_port": free_port(), "max_total_tokens": 4000, "num_threads": 1}]}
     serve = ServeProcess(config, tmp_path_factory.mktemp("dashboards"))
     try:
         engine = serve.wait_all_ready()["engine-0"]

@@ -15,7 +15,7 @@ from pathlib import Path
 import annotated_types
 import pytest
 
-from conftest import free_port_range, stop_process, wait_http
+from conftest import free_port, stop_process, wait_http
 from sglang_gw.cli import build_parser
 from sglang_gw.config import ConfigError, parse_serve_config
 from sglang_gw.engine.settings import EngineArgs, EngineConfig, ServerConfig, devices_of, flag, from_flags
@@ -139,7 +139,7 @@ def test_a_real_engine_reports_every_setting_in_effect(tiny_models):
     """One engine planned from a config that changes every CPU setting, asked for /get_server_info."""
     group = {name: value for name, value in EXAMPLES.items()  # CUDA's settings and the one that overrides kv_cache_gib
              if "cpu" in devices_of(ServerConfig.model_fields[name]) and name not in ("device", "max_total_tokens")}
-    group.update(model=str(tiny_models["llama"]), kv_cache_gib=0.01, base_port=free_port_range(1))
+    group.update(model=str(tiny_models["llama"]), kv_cache_gib=0.01, base_port=free_port())
     spec = plan_engines(parse_serve_config({"engines": [group]}))[0]
     proc = subprocess.Popen(spec.argv, env=dict(os.environ, **dict(spec.env)),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

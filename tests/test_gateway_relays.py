@@ -24,7 +24,7 @@ from conftest import ServeProcess, engine_fleet, process_gone
 from sglang_gw.bench import fake_server
 from sglang_gw.gateway.auth import hash_key
 from sglang_gw.gateway.config import parse_config
-from sglang_gw.testing import free_port, free_port_range, http_json, stop_process
+from sglang_gw.testing import free_port, http_json, stop_process
 from sglang_gw.validation import ConfigError
 
 MODEL = "tiny"
@@ -222,7 +222,7 @@ def test_serve_with_relays_takes_a_reload_and_stops(tiny_models, tmp_path):
     config = {"gateway": {"processes": 2, "health": {"interval": 0.5, "timeout": 1.0},
                           "auth": {"keys": [{"name": "k", "hash": hash_key(KEY)}]}},
               "engines": [{"model": str(tiny_models["llama"]), "served_model_name": MODEL, "count": 1,
-                           "base_port": free_port_range(1)}]}
+                           "base_port": free_port()}]}
     serve = ServeProcess(config, tmp_path, key=KEY)
     try:
         serve.wait_all_ready()
