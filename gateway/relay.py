@@ -34,6 +34,7 @@ from .auth import Authenticator, KeyState
 from .cache_prediction import Usage
 from .config import GatewaySettings
 from .policies import Decision, RouteRequest, Worker
+from .prefix_index import block_chain
 from .relay_link import Link
 from .request_path import NOT_RELAYED, PROXIED, RequestPath
 from .status import Attempt
@@ -156,7 +157,7 @@ class Relay(RequestPath):
         self.config: GatewaySettings | None = None  # from the gateway process's first message
         self.auth = Authenticator([])
         self.sessions: Sessions | None = None
-        self.uses_text = False
+        self.block_size: int | None = None  # the policy's prefix-index block size: the routing text is sent as its chain
         self._handles = itertools.count()
         self._control_socket = control_socket
         self.control: aiohttp.ClientSession | None = None
@@ -169,7 +170,7 @@ class Relay(RequestPath):
         if self.sessions is None:
             self.sessions = Sessions(self.config.session)
         self.sessions.settings = self.config.session
-        self.uses_text = message["text"]
+        self.block_size = message["block"]
         self.admitting = message["admitting"]
         # Loaded here, in the loop: once per model, at the start or when a worker brings a new model.
         for model, path in message["tpl"].items():
@@ -213,7 +214,7 @@ class Relay(RequestPath):
 
     @property
     def _uses_text(self) -> bool:
-        return self.uses_text
+        return self.block_size is not None
 
     def _admit(self, key: KeyState | None, model: str | None) -> Admission:
         return Admission(self.link, next(self._handles), key)
@@ -223,8 +224,10 @@ class Relay(RequestPath):
         admission.held = True  # from the first choice on (the gateway process ends it itself when it refuses)
         answer = await self.link.ask({
             "t": "choose", "a": admission.handle, "k": admission.key.digest if admission.key else None, "m": model,
-            "x": route.text, "s": route.session.hex() if route.session else None, "b": route.batch,
-            "tried": sorted(tried)})
+            "s": route.session.hex() if route.session else None, "b": route.batch, "tried": sorted(tried),
+            # Hashed here, where the relays share the work, and smaller than the text it stands for.
+            "bl": None if self.block_size is None else
+            [self.block_size, block_chain(route.text, self.block_size), route.text_bytes]})
         if "e" in answer:
             e = answer["e"]
             raise APIError(e["status"], e["message"], param=e["param"], code=e["code"], headers=e["headers"])

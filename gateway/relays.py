@@ -12,6 +12,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import os
+import secrets
 import shutil
 import sys
 import tempfile
@@ -27,7 +29,7 @@ from ..serving import listening
 from .cache_prediction import Usage
 from .config import GatewaySettings
 from .health import Trial
-from .policies import Decision, RouteRequest, Worker
+from .policies import Blocks, Decision, RouteRequest, Worker
 from .relay_link import HEALTH_EVENTS, Link
 from .request_path import shutting_down
 from .status import Attempt
@@ -117,7 +119,8 @@ class RelayEnd(Link):
     async def _choose(self, m: dict) -> None:
         g, tried = self.gateway, set(m["tried"])
         try:
-            route = RouteRequest(m["x"], bytes.fromhex(m["s"]) if m["s"] else None, m["b"])
+            route = RouteRequest("", bytes.fromhex(m["s"]) if m["s"] else None, m["b"],
+                                 blocks=Blocks(*m["bl"]) if m["bl"] else None)
             decision = await g._choose(m["m"], None, tried, route)
         except Exception as exc:  # noqa: BLE001 — an unexpected one is a 500, as the error middleware makes it
             if not isinstance(exc, APIError):
@@ -180,11 +183,14 @@ class Relays:
         self._listening = asyncio.Event()  # set once every relay has said hello, at the start
         self._start_failed: asyncio.Future = asyncio.get_running_loop().create_future()  # a relay exited first
         self._keepers: list[asyncio.Task] = []
+        # One string hash seed for all the relays, restarted ones too: the prefix-index chains they send are
+        # Python hashes (prefix_index.block_chain), which agree only between processes of the same seed.
+        self._environment = {**os.environ, "PYTHONHASHSEED": str(secrets.randbelow(2**32 - 1) + 1)}
 
     def settings(self) -> dict:
         config = self.gateway.config.model_dump(mode="json", include=set(GatewaySettings.model_fields))
         return {"t": "settings", "c": config, "admitting": self.gateway.admitting,
-                "text": self.gateway.policy.uses_text, "tpl": self.gateway.routing_text.paths}
+                "block": self.gateway.policy.block_size, "tpl": self.gateway.routing_text.paths}
 
     def push_settings(self) -> None:
         """After a reload, or a chat template learned: every relay gets the gateway's settings again."""
@@ -228,7 +234,7 @@ class Relays:
             try:
                 process = self.processes[index] = await asyncio.create_subprocess_exec(
                     sys.executable, "-m", "sglang_gw.gateway.relay", self.link_path, self.control_path, self.host,
-                    str(self.port), level, fmt)
+                    str(self.port), level, fmt, env=self._environment)
             except OSError as exc:  # out of processes or files, say: tried again
                 log.error("gateway.relay_not_started", relay=index, error=str(exc))
                 await asyncio.sleep(RESTART_DELAY_S)

@@ -6,8 +6,8 @@ import random
 
 import pytest
 
-from sglang_gw.gateway.policies import RouteRequest, Worker, create_policy
-from sglang_gw.gateway.prefix_index import PrefixIndex
+from sglang_gw.gateway.policies import Blocks, RouteRequest, Worker, create_policy
+from sglang_gw.gateway.prefix_index import PrefixIndex, block_chain
 
 
 def _workers(n: int) -> list[Worker]:
@@ -140,6 +140,24 @@ def test_prefix_affinity_forgets_a_restarted_worker():
     assert policy.choose(workers, RouteRequest(text + "y")).reason == "cache_hit"
     policy.forget(first)
     assert policy.choose(workers, RouteRequest(text + "z")).reason == "miss"
+
+
+def test_prefix_affinity_routes_a_relays_block_chain_as_the_text_it_stands_for():
+    """A relay sends the text's chain (RouteRequest.blocks), not the text: the same routing, and no match for a
+    chain cut at another block size (a reload changed it while the request was on its way)."""
+    workers = _workers(3)
+    policy = create_policy("prefix_affinity", seed=5, block_size=16)
+    text = "x" * 200
+
+    def sent(text: str, block_size: int = 16) -> RouteRequest:
+        return RouteRequest("", blocks=Blocks(block_size, block_chain(text, block_size), len(text.encode())))
+
+    home = policy.choose(workers, sent(text))
+    assert (home.matched_bytes, home.prompt_bytes) == (0, 200)
+    again = policy.choose(workers, RouteRequest(text + "y"))  # the same chain as a text in this process
+    assert (again.worker, again.reason, again.matched_bytes) == (home.worker, "cache_hit", 192)
+    assert policy.choose(workers, sent(text + "z")).worker is home.worker
+    assert policy.choose(workers, sent(text, block_size=8)).reason == "miss"
 
 
 def test_chat_routing_text_is_the_rendered_template_when_the_tokenizer_is_local(tiny_models):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .base import Decision, RouteRequest, RoutingPolicy, Worker
+from .base import Blocks, Decision, RouteRequest, RoutingPolicy, Worker
 from .least_conn import LeastConn
 from .power_of_two import PowerOfTwo
 from .prefix_affinity import PrefixAffinity
@@ -17,4 +17,4 @@ def create_policy(name: str, seed: int | None = None, **options) -> RoutingPolic
     return POLICIES[name](seed, **options)
 
 
-__all__ = ["POLICIES", "Decision", "RouteRequest", "RoutingPolicy", "Worker", "create_policy"]
+__all__ = ["POLICIES", "Blocks", "Decision", "RouteRequest", "RoutingPolicy", "Worker", "create_policy"]

@@ -29,10 +29,22 @@ class RouteRequest:
     # Workers whose predicted cache hits have not paid off lately (gateway/cache_prediction.py): their
     # prefix matches draw no requests until they are trusted again.
     distrusted: frozenset[str] = frozenset()
+    # Sent by a relay instead of the text (gateway/relay.py): its block chain, so that the hashing of long
+    # prompts runs in the relays, side by side, and not in the one gateway process they all share.
+    blocks: Blocks | None = None
 
     @cached_property
     def text_bytes(self) -> int:
-        return len(self.text.encode())
+        return len(self.text.encode()) if self.blocks is None else self.blocks.text_bytes
+
+
+@dataclass(slots=True)
+class Blocks:
+    """A text's prefix-index chain (prefix_index.block_chain), made where the text is."""
+
+    block_size: int
+    chain: list[int]
+    text_bytes: int
 
 
 @dataclass(slots=True)
@@ -52,7 +64,14 @@ class RoutingPolicy(ABC):
     # 6: at 4, with tight caches, conversations moved by the guard cost up to 6 points of hit rate
     # where extra load is cheap (a GPU's batch), and 6 spreads a burst as well (docs/routing.md).
     load_margin: int = 6
-    uses_text = False  # whether `choose` reads RouteRequest.text: the gateway renders it only then
+    # The block size of the policy's prefix index, where it has one: `choose` then reads the request's text,
+    # as its block chain only, which a relay sends instead of the text (RouteRequest.blocks).
+    block_size: int | None = None
+
+    @property
+    def uses_text(self) -> bool:
+        """Whether `choose` reads the request's text: the request path renders it only then."""
+        return self.block_size is not None
 
     def __init__(self, seed: int | None = None):
         self.rng = random.Random(seed)

@@ -21,7 +21,6 @@ from .base import Decision, RouteRequest, RoutingPolicy, Worker
 
 class PrefixAffinity(RoutingPolicy):
     name = "prefix_affinity"
-    uses_text = True
 
     def __init__(self, seed: int | None = None, *, block_size: int = 64, max_bytes_per_worker: int = 64 << 20,
                  min_match_ratio: float = 0.3, load_margin: int = RoutingPolicy.load_margin):
@@ -33,7 +32,7 @@ class PrefixAffinity(RoutingPolicy):
         self.load_margin = load_margin
 
     def choose(self, candidates: list[Worker], request: RouteRequest) -> Decision:
-        chain = self.index.chain(request.text)
+        chain = self._chain(request)
         matched = {w.name: self.index.match(chain, w.name) for w in candidates}
         trusted = {name: 0 if name in request.distrusted else n for name, n in matched.items()}
         best = self._hit(trusted, request)
@@ -49,6 +48,16 @@ class PrefixAffinity(RoutingPolicy):
             reason = "distrusted" if self._hit(matched, request) else "miss"
         return self._record(chain, worker, reason, matched[worker.name], request)
 
+    @property
+    def block_size(self) -> int:
+        return self.index.block_size
+
+    def _chain(self, request: RouteRequest) -> list[int]:
+        if request.blocks is None:
+            return self.index.chain(request.text)
+        # A relay's chain, cut at the block size it was told: none other matches this index (a reload changed it).
+        return request.blocks.chain if request.blocks.block_size == self.index.block_size else []
+
     def _roomiest(self, candidates: list[Worker], least: int) -> Worker:
         """Where a new prefix fits: among the workers within the load margin, the one holding the fewest
         prefix bytes, so that tenants spread cache footprint as well as load."""
@@ -56,7 +65,7 @@ class PrefixAffinity(RoutingPolicy):
                    key=lambda w: (self.index.bytes_of(w.name), w.inflight, self.rng.random()))
 
     def place(self, worker: Worker, request: RouteRequest, reason: str) -> Decision:
-        chain = self.index.chain(request.text)
+        chain = self._chain(request)
         return self._record(chain, worker, reason, self.index.match(chain, worker.name), request)
 
     def _hit(self, matched: dict[str, int], request: RouteRequest) -> int:
