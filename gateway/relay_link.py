@@ -3,9 +3,10 @@ Unix socket, each a 4-byte big-endian length and an orjson-encoded dict whose "t
 
 relay → gateway, per proxied request (request_path.py's hooks):
     hello    {pid}           the relay listens on the port
-    choose   {q, a, k, m, x, s, b, tried}  → chosen {q, lease, w, u, r, mb, pb} | chosen {q} (none left)
+    choose   {q, a, k, m, s, b, tried, bl}  → chosen {q, lease, w, u, r, mb, pb} | chosen {q} (none left)
                                              | chosen {q, e: {status, message, param, code, headers}} (refused)
              the first of a request (`tried` empty) admits it under the relay's handle `a` (key hash `k`)
+             `bl`: [block size, block chain, text bytes] of the routing text, when the policy reads it
     cancel   {q}             the question's request went away (a choice waiting for capacity is dropped)
     ev       {l, e, v}       a health event of lease `l` (HEALTH_EVENTS)
     release  {l}             the attempt's lease ends
@@ -15,8 +16,9 @@ relay → gateway, per proxied request (request_path.py's hooks):
     fin      {p, st, sec}    the request's end: its client's status and duration
     left     {}              a client went away before its answer's end
 gateway → relay:
-    settings {c, admitting, text, tpl}  the gateway settings, whether it admits requests (not once shutdown
-                             begins), whether the policy reads the routing text, and the chat template path of
+    settings {c, admitting, block, tpl}  the gateway settings, whether it admits requests (not once shutdown
+                             begins), the block size of the policy's prefix index (None: it reads no routing
+                             text), and the chat template path of
                              each model; sent first and again on each change
 
 Writes made in one event-loop iteration leave in one system call at its end: a request's one-way
