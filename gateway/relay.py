@@ -28,7 +28,7 @@ from multidict import CIMultiDict
 
 from ..errors import APIError, error_middleware
 from ..logs import configure_logging
-from ..serving import listening
+from ..serving import CannotListen, listening
 
 from .auth import Authenticator, KeyState
 from .cache_prediction import Usage
@@ -285,7 +285,11 @@ async def run_relay(link_socket: str, control_socket: str, host: str, port: int)
 def main() -> int:
     link_socket, control_socket, host, port, level, fmt = sys.argv[1:7]
     configure_logging(level, fmt)
-    return uvloop.run(run_relay(link_socket, control_socket, host, int(port)))
+    try:
+        return uvloop.run(run_relay(link_socket, control_socket, host, int(port)))
+    except CannotListen as exc:  # the gateway process stops its start, naming gateway.processes
+        log.error("gateway.relay_cannot_listen", error=str(exc))
+        return 1
 
 
 if __name__ == "__main__":

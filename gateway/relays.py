@@ -24,7 +24,7 @@ import structlog
 
 from ..errors import APIError
 from ..logs import configured
-from ..serving import listening
+from ..serving import CannotListen, listening
 
 from .cache_prediction import Usage
 from .config import GatewaySettings
@@ -210,7 +210,7 @@ class Relays:
             await self.stop()
             why = self._start_failed.result() if self._start_failed.done() else \
                 f"did not all listen within {START_TIMEOUT_S:.0f}s"
-            raise RuntimeError(f"gateway.processes: the relay processes on {self.host}:{self.port} {why} "
+            raise CannotListen(f"the relay processes (gateway.processes) on {self.host}:{self.port} {why} "
                                f"(see their log)")
         log.info("gateway.relays_listening", relays=self.count, pids=[p.pid for p in self.processes])
 

@@ -61,10 +61,22 @@ def _cmd_generate(args) -> int:
     return 0
 
 
+def _serve(main, port_setting: str) -> int:
+    """Run a server's main coroutine; an address it cannot listen on is an error naming the setting to
+    change, not a traceback."""
+    import uvloop
+
+    from sglang_gw.serving import CannotListen
+
+    try:
+        return uvloop.run(main)
+    except CannotListen as exc:
+        print(f"error: {port_setting}: {exc}", file=sys.stderr)
+        return 1
+
+
 def _cmd_engine(args) -> int:
     import os
-
-    import uvloop
 
     from sglang_gw.engine.models.builtin import ModelNotFoundError, resolve_model_path
     from sglang_gw.engine.server import run_engine_server
@@ -78,12 +90,10 @@ def _cmd_engine(args) -> int:
     except (ConfigError, ModelNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    return uvloop.run(run_engine_server(settings))
+    return _serve(run_engine_server(settings), "--port")
 
 
 def _cmd_gateway(args) -> int:
-    import uvloop
-
     from sglang_gw.gateway.app import run_gateway
     from sglang_gw.gateway.config import load_config
 
@@ -92,12 +102,10 @@ def _cmd_gateway(args) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    return uvloop.run(run_gateway(config))
+    return _serve(run_gateway(config), "port")
 
 
 def _cmd_serve(args) -> int:
-    import uvloop
-
     from sglang_gw.config import load_serve_config
     from sglang_gw.supervisor.serve import run_serve
 
@@ -108,7 +116,7 @@ def _cmd_serve(args) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     configure_logging("debug" if args.verbose else config.logging.level, config.logging.format)
-    return uvloop.run(run_serve(config, path, args.set))
+    return _serve(run_serve(config, path, args.set), "gateway.port")
 
 
 def _default_config() -> str:

@@ -5,10 +5,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import signal
 from typing import AsyncIterator
 
 from aiohttp import web
+
+
+class CannotListen(Exception):
+    """The address is taken, or not this process's to bind: it cannot serve (the command says so and exits)."""
 
 
 @contextlib.asynccontextmanager
@@ -22,7 +27,12 @@ async def listening(app: web.Application, host: str, port: int, reuse_port: bool
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
     await runner.setup()
     site = web.UnixSite(runner, unix_path) if unix_path else web.TCPSite(runner, host, port, reuse_port=reuse_port)
-    await site.start()
+    try:
+        await site.start()
+    except OSError as exc:
+        await runner.cleanup()  # the app's cleanup too: what its startup opened is closed
+        reason = os.strerror(exc.errno) if exc.errno else str(exc)
+        raise CannotListen(f"cannot listen on {unix_path or f'{host}:{port}'}: {reason}") from None
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -89,3 +89,29 @@ def test_lean_commands_load_neither_torch_nor_transformers(tmp_path):
     unreachable = subprocess.run([sys.executable, "-c", blocked + "sys.exit(main(['restart', '--url', 'http://127.0.0.1:9']))"],
                                  capture_output=True, text=True, timeout=60)
     assert unreachable.returncode == 1 and "error: http://127.0.0.1:9" in unreachable.stderr, unreachable.stderr
+
+
+def test_a_taken_port_is_an_error_naming_the_setting_not_a_traceback(tiny_models, tmp_path):
+    import socket
+
+    import yaml
+
+    from sglang_gw.testing import free_port
+
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", free_port()))
+    taken.listen()
+    port = taken.getsockname()[1]
+    (tmp_path / "gateway.yaml").write_text(yaml.safe_dump({"port": port, "workers": [{"url": "http://127.0.0.1:9"}]}))
+    (tmp_path / "serve.yaml").write_text(yaml.safe_dump({
+        "gateway": {"port": port}, "engines": [{"model": str(tiny_models["llama"]), "base_port": free_port()}]}))
+    try:
+        for args, setting in [(["gateway", "--config", str(tmp_path / "gateway.yaml")], "port"),
+                              (["serve", str(tmp_path / "serve.yaml")], "gateway.port"),
+                              (["engine", "--model", str(tiny_models["llama"]), "--port", str(port)], "--port")]:
+            result = _cli(*args)
+            assert result.returncode == 1, (args, result.stderr)
+            assert f"error: {setting}: cannot listen on 127.0.0.1:{port}: Address already in use" in result.stderr
+            assert "Traceback" not in result.stderr and "Unclosed" not in result.stderr, result.stderr
+    finally:
+        taken.close()
