@@ -162,6 +162,8 @@ class Relay(RequestPath):
         self._control_socket = control_socket
         self.control: aiohttp.ClientSession | None = None
         self.configured = asyncio.Event()
+        self._templates: dict[str, str] = {}  # model → the chat template path asked for (routing_text.paths once loaded)
+        self._loading: set[asyncio.Task] = set()  # templates loading in threads (held: the loop keeps weak references)
 
     def apply(self, message: dict) -> None:
         """The gateway process's settings (at the start, and after a reload or a template learned)."""
@@ -172,11 +174,19 @@ class Relay(RequestPath):
         self.sessions.settings = self.config.session
         self.block_size = message["block"]
         self.admitting = message["admitting"]
-        # Loaded here, in the loop: once per model, at the start or when a worker brings a new model.
+        # Once per model, at the start or when a worker brings a new model; in a thread, as the gateway process
+        # loads its own (until loaded, the model's chats are routed on role-tagged text there too).
         for model, path in message["tpl"].items():
-            if self.routing_text.paths.get(model) != path:
-                self.routing_text.add_template(model, path)
+            if self._templates.get(model) != path:
+                self._templates[model] = path
+                loading = asyncio.get_running_loop().create_task(
+                    asyncio.to_thread(self.routing_text.add_template, model, path))
+                self._loading.add(loading)
+                loading.add_done_callback(self._loading.discard)
         self.configured.set()
+
+    async def templates_loaded(self) -> None:
+        await asyncio.gather(*self._loading)
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=self.config.max_request_bytes,
@@ -275,6 +285,7 @@ async def run_relay(link_socket: str, control_socket: str, host: str, port: int)
                        return_when=asyncio.FIRST_COMPLETED)
     if link.closed.done():
         return 1
+    await relay.templates_loaded()  # those known at the start, before the first request
     async with listening(relay.app(), host, port, reuse_port=True) as stop:
         link.send({"t": "hello", "pid": os.getpid()})
         log.info("gateway.relay_listening", host=host, port=port, pid=os.getpid())
