@@ -232,12 +232,13 @@ class Relay(RequestPath):
     async def _choose(self, model: str | None, admission: Admission, tried: set[str],
                       route: RouteRequest) -> Decision | None:
         admission.held = True  # from the first choice on (the gateway process ends it itself when it refuses)
+        text = route.text.encode()
         answer = await self.link.ask({
             "t": "choose", "a": admission.handle, "k": admission.key.digest if admission.key else None, "m": model,
             "s": route.session.hex() if route.session else None, "b": route.batch, "tried": sorted(tried),
             # Hashed here, where the relays share the work, and smaller than the text it stands for.
             "bl": None if self.block_size is None else
-            [self.block_size, block_chain(route.text, self.block_size), route.text_bytes]})
+            [self.block_size, block_chain(text, self.block_size), len(text)]})
         if "e" in answer:
             e = answer["e"]
             raise APIError(e["status"], e["message"], param=e["param"], code=e["code"], headers=e["headers"])

@@ -150,7 +150,7 @@ def test_prefix_affinity_routes_a_relays_block_chain_as_the_text_it_stands_for()
     text = "x" * 200
 
     def sent(text: str, block_size: int = 16) -> RouteRequest:
-        return RouteRequest("", blocks=Blocks(block_size, block_chain(text, block_size), len(text.encode())))
+        return RouteRequest("", blocks=Blocks(block_size, block_chain(text.encode(), block_size), len(text.encode())))
 
     home = policy.choose(workers, sent(text))
     assert (home.matched_bytes, home.prompt_bytes) == (0, 200)

@@ -97,6 +97,43 @@ def test_processes_config_is_checked():
         parse_config({"workers": [{"url": "http://a:1"}], "processes": 2, "port": 0})
 
 
+def test_a_relay_routes_chats_on_the_templates_it_is_told_of_and_sends_their_chain(tiny_models):
+    """The settings' chat templates are loaded (in a thread) before the relay serves, so its routing text is
+    the rendered template, and what it sends the gateway process is that text's block chain."""
+    import asyncio
+
+    from sglang_gw.gateway.config import GatewaySettings
+    from sglang_gw.gateway.policies import RouteRequest
+    from sglang_gw.gateway.prefix_index import block_chain
+    from sglang_gw.gateway.relay import Relay
+    from sglang_gw.gateway.routing_text import RoutingText
+
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}]}
+    local = RoutingText()
+    local.add_template("tiny", str(tiny_models["llama"]))
+    rendered = local("/v1/chat/completions", body)
+    assert rendered != RoutingText()("/v1/chat/completions", body)  # the template, not role-tagged text
+
+    class Link:
+        async def ask(self, message):
+            self.asked = message
+            return {}  # no worker left
+
+    async def route() -> tuple[str, dict]:
+        relay = Relay("/nonexistent")
+        relay.link = Link()
+        relay.apply({"t": "settings", "c": GatewaySettings().model_dump(mode="json"), "admitting": True,
+                     "block": 16, "tpl": {"tiny": str(tiny_models["llama"])}})
+        await relay.templates_loaded()
+        text = relay.routing_text("/v1/chat/completions", body)
+        await relay._choose("tiny", relay._admit(None, "tiny"), set(), RouteRequest(text))
+        return text, relay.link.asked
+
+    text, asked = asyncio.run(route())
+    assert text == rendered
+    assert asked["bl"] == [16, block_chain(rendered.encode(), 16), len(rendered.encode())] and "x" not in asked
+
+
 def test_relays_route_on_one_shared_state(engines, tmp_path):
     """Sessions and prefixes stick to one engine whichever relay takes the connection (each request on a
     new connection, so the kernel spreads them over both), and the other paths are the gateway process's."""
