@@ -34,7 +34,7 @@ from .discovery import DnsDiscovery
 from .health import State, Trial, WorkerHealth
 from .metrics import GatewayMetrics
 from .relays import Relays, serving
-from .request_path import PROXIED, RequestPath
+from .request_path import PROXIED, AtCapacity, RequestPath
 from .routing_text import RoutingText
 from .sessions import Sessions
 from .upstream import Upstream
@@ -339,9 +339,15 @@ class Gateway(RequestPath):
         return self.auth.admit(key, model)
 
     async def _choose(self, model: str | None, admission, tried: set[str], route: RouteRequest) -> Decision | None:
+        choice = self.choose_now(model, tried, route)
+        return await self.choose_queued(choice, route) if isinstance(choice, AtCapacity) else choice
+
+    def choose_now(self, model: str | None, tried: set[str], route: RouteRequest) -> Decision | AtCapacity | None:
         """The policy's pick among the routable workers of the model below their cap, untried ones first
         (workers added since the request came are candidates too); None: none left (404 when no worker
-        serves the model; 503 when none of its workers is ready to begin with)."""
+        serves the model; 503 when none of its workers is ready to begin with). When every candidate is at
+        its cap, `AtCapacity`: `choose_queued` waits for one (the only choice that waits, so a relay's
+        others are answered at once, without a task)."""
         if not tried:
             self._require_model(model)
         routable = self._serving(model)
@@ -350,9 +356,16 @@ class Gateway(RequestPath):
             if not tried:
                 raise no_ready_worker()
             return None
-        free = await self._with_capacity(untried)
-        if not free:
-            return None
+        limit = self.config.max_inflight_per_worker
+        free = [w for w in untried if limit is None or w.inflight < limit]
+        return self._decide(free, route) if free else AtCapacity(untried)
+
+    async def choose_queued(self, full: AtCapacity, route: RouteRequest) -> Decision | None:
+        """The choice once one of the candidates is below its cap, waiting in the bounded queue."""
+        free = await self._with_capacity(full.candidates)
+        return self._decide(free, route) if free else None
+
+    def _decide(self, free: list[GatewayWorker], route: RouteRequest) -> Decision:
         route.distrusted = self.cache_ledger.distrusted()
         return self.sessions.choose(self.policy, free, route)
 
@@ -406,11 +419,8 @@ class Gateway(RequestPath):
             self.metrics.predicted_cached_by[worker,].inc(predicted)
 
     async def _with_capacity(self, candidates: list[GatewayWorker]) -> list[GatewayWorker]:
-        """The candidates below the per-worker cap, waiting in the bounded queue while there are none."""
+        """The candidates below the per-worker cap once there is one, waiting in the bounded queue."""
         limit = self.config.max_inflight_per_worker
-        free = [w for w in candidates if limit is None or w.inflight < limit]
-        if free:
-            return free
         if self.queued >= self.config.max_queued_requests:
             raise APIError(503, "every worker is at its concurrency limit and the queue is full",
                            code="queue_full", headers={"Retry-After": "1"})
@@ -430,13 +440,17 @@ class Gateway(RequestPath):
 
     def _require_model(self, model: str | None) -> None:
         """404 when no worker serves the model."""
-        if model is not None and not any(model in w.models for w in self.workers):
-            served = sorted({m for w in self.workers for m in w.models})
-            raise APIError(404, f"model {model!r} is not served here; available: {served}", param="model",
-                           code="model_not_found")
+        if model is None:
+            return
+        for w in self.workers:  # a loop, not any() over a generator: this runs on every request
+            if model in w.models:
+                return
+        served = sorted({m for w in self.workers for m in w.models})
+        raise APIError(404, f"model {model!r} is not served here; available: {served}", param="model",
+                       code="model_not_found")
 
     def _serving(self, model: str | None) -> list[GatewayWorker]:
-        return [w for w in self.workers if w.routable and (model is None or model in w.models)]
+        return [w for w in self.workers if w.health.routable and (model is None or model in w.models)]
 
     def _finished(self, path: str, status: int, seconds: float) -> None:
         self.metrics.latency_by[path,].observe(seconds)

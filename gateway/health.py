@@ -109,6 +109,8 @@ class WorkerHealth:
     def routable(self) -> bool:
         if self.state is not State.READY or self.draining:
             return False
+        if self._breaker is Breaker.CLOSED:  # the common case, without the cooldown's clock read
+            return True
         breaker = self.breaker
         return breaker is Breaker.CLOSED or (breaker is Breaker.HALF_OPEN and self._trial is None)
 

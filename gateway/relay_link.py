@@ -1,5 +1,7 @@
 """The link between the gateway process and a relay process (`gateway.processes` > 1): messages over a
-Unix socket, each a 4-byte big-endian length and an orjson-encoded dict whose "t" names its kind.
+Unix socket, each a dict whose "t" names its kind. The messages one event-loop iteration sends travel as
+one frame: a 4-byte big-endian length and an orjson-encoded list of them (one system call, one parse,
+however many requests the iteration served).
 
 relay → gateway, per proxied request (request_path.py's hooks):
     hello    {pid}           the relay listens on the port
@@ -21,8 +23,6 @@ gateway → relay:
                              text), and the chat template path of
                              each model; sent first and again on each change
 
-Writes made in one event-loop iteration leave in one system call at its end: a request's one-way
-messages (release, rec, fin) cost one write between them.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ class Link(asyncio.Protocol):
     def __init__(self):
         self.transport: asyncio.Transport | None = None
         self._inbox = bytearray()
-        self._outbox: list[bytes] = []
+        self._outbox: list[dict] = []  # this iteration's messages, sent as one frame at its end
         self.closed = asyncio.get_running_loop().create_future()  # set when the connection is lost
 
     def received(self, message: dict) -> None:
@@ -52,15 +52,14 @@ class Link(asyncio.Protocol):
     def send(self, message: dict) -> None:
         if self.transport is None or self.transport.is_closing():
             return  # the link is down: what it would report dies with it (the other end cleans up)
-        data = orjson.dumps(message)
         if not self._outbox:
             asyncio.get_running_loop().call_soon(self._flush)
-        self._outbox += (_LENGTH.pack(len(data)), data)
+        self._outbox.append(message)
 
     def _flush(self) -> None:
-        data, self._outbox = b"".join(self._outbox), []
+        data, self._outbox = orjson.dumps(self._outbox), []
         if self.transport is not None and not self.transport.is_closing():
-            self.transport.write(data)
+            self.transport.write(_LENGTH.pack(len(data)) + data)
 
     # ---- asyncio's callbacks -------------------------------------------------------------------------
 
@@ -75,9 +74,10 @@ class Link(asyncio.Protocol):
             (size,) = _LENGTH.unpack_from(inbox, start)
             if len(inbox) - start - 4 < size:
                 break
-            message = orjson.loads(inbox[start + 4:start + 4 + size])
+            messages = orjson.loads(inbox[start + 4:start + 4 + size])
             start += 4 + size
-            self.received(message)
+            for message in messages:
+                self.received(message)
         del inbox[:start]
 
     def connection_lost(self, exc: Exception | None) -> None:

@@ -31,7 +31,7 @@ from .config import GatewaySettings
 from .health import Trial
 from .policies import Blocks, Decision, RouteRequest, Worker
 from .relay_link import HEALTH_EVENTS, Link
-from .request_path import shutting_down
+from .request_path import AtCapacity, shutting_down
 from .status import Attempt
 
 if TYPE_CHECKING:
@@ -56,6 +56,8 @@ class RelayEnd(Link):
         self.leases: dict[int, tuple[GatewayWorker, Trial | None]] = {}
         self.admissions: dict[int, contextlib.AbstractContextManager] = {}
         self._choosing: dict[int, asyncio.Task] = {}  # choices waiting (for capacity), by the relay's question
+        self._handlers = {name.removeprefix("_on_"): getattr(self, name) for name in dir(self)
+                          if name.startswith("_on_")}
 
     def connection_made(self, transport) -> None:
         super().connection_made(transport)
@@ -63,45 +65,90 @@ class RelayEnd(Link):
 
     def received(self, m: dict) -> None:
         try:
-            self._dispatch(m)
+            self._handlers[m["t"]](m)
         except Exception:  # noqa: BLE001 — one bad message must not drop the relay's link and its requests
             log.exception("gateway.relay_message_failed", relay=self.index, kind=m.get("t"))
 
-    def _dispatch(self, m: dict) -> None:
-        # The gateway's request-path hooks (request_path.py) are the routing state's API: a relay's messages
-        # call the same ones the gateway's own requests do.
-        kind, g = m["t"], self.gateway
-        if kind == "choose":
-            # A request's first choice admits it here, before any later message of the link (its "end") is read.
-            if not m["tried"] and not self._admitted(m):
-                return
-            task = self._choosing[m["q"]] = asyncio.get_running_loop().create_task(self._choose(m))
+    # The gateway's request-path hooks (request_path.py) are the routing state's API: a relay's messages call
+    # the same ones the gateway's own requests do. One method per kind of message (relay_link.py lists them).
+
+    def _on_choose(self, m: dict) -> None:
+        # A request's first choice admits it here, before any later message of the link (its "end") is read.
+        if not m["tried"] and not self._admitted(m):
+            return
+        try:
+            route = RouteRequest("", bytes.fromhex(m["s"]) if m["s"] else None, m["b"],
+                                 blocks=Blocks(*m["bl"]) if m["bl"] else None)
+            choice = self.gateway.choose_now(m["m"], set(m["tried"]), route)
+        except Exception as exc:  # noqa: BLE001 — refused (or failed) to the relay
+            self._choice_failed(m, exc)
+            return
+        if isinstance(choice, AtCapacity):  # waits in the gateway's queue, in a task the relay may cancel
+            task = self._choosing[m["q"]] = asyncio.get_running_loop().create_task(self._choose_queued(m, choice,
+                                                                                                        route))
             task.add_done_callback(lambda _: self._choosing.pop(m["q"], None))
-        elif kind == "cancel":  # its client left while the choice waited for capacity
-            if (task := self._choosing.get(m["q"])) is not None:
-                task.cancel()
-        elif kind == "ev":
-            if (lease := self.leases.get(m["l"])) is not None and m["e"] in HEALTH_EVENTS:
-                event = getattr(lease[0].health, m["e"])
-                event() if m["v"] is None else event(m["v"])
-        elif kind == "release":
-            if (lease := self.leases.pop(m["l"], None)) is not None:
-                g.release_soon(*lease)
-        elif kind == "end":
+        else:
+            self._chosen(m, choice)
+
+    async def _choose_queued(self, m: dict, full: AtCapacity, route: RouteRequest) -> None:
+        try:
+            choice = await self.gateway.choose_queued(full, route)
+        except Exception as exc:  # noqa: BLE001 — refused (or failed) to the relay
+            self._choice_failed(m, exc)
+            return
+        if not self.closed.done():  # a relay gone while its request waited for capacity takes no lease
+            self._chosen(m, choice)
+
+    def _chosen(self, m: dict, decision: Decision | None) -> None:
+        if decision is None:
+            self.send({"t": "chosen", "q": m["q"]})
+            return
+        lease = next(self.relays.lease_ids)
+        self.leases[lease] = (decision.worker, self.gateway._lease(decision.worker))
+        self.send({"t": "chosen", "q": m["q"], "lease": lease, "w": decision.worker.name, "u": decision.worker.url,
+                   "r": decision.reason, "mb": decision.matched_bytes, "pb": decision.prompt_bytes})
+
+    def _choice_failed(self, m: dict, exc: Exception) -> None:
+        if not isinstance(exc, APIError):  # an unexpected one is a 500, as the error middleware makes it
+            log.exception("gateway.relay_choice_failed", relay=self.index)  # (called in its except block)
+            exc = APIError(500, f"internal error: {exc}", code="internal_error")
+        if not m["tried"]:
             self._end(m["a"])
-        elif kind == "rec":
-            attempt = Attempt(at=m["at"], path=m["p"], worker=m["w"], route=m["route"], matched_bytes=m["mb"],
-                              status=m["st"], ttfb_s=m["ttfb"], why=m["why"])
-            g._book(attempt, self._decision(m), _usage(m["u"]))
-        elif kind == "book":
-            g._book_cache(self._decision(m), _usage(m["u"]))
-        elif kind == "fin":
-            g._finished(m["p"], m["st"], m["sec"])
-            g.metrics.relay_requests_by[str(self.index),].inc()
-        elif kind == "left":
-            g._count_disconnect()
-        elif kind == "hello":
-            self.relays.said_hello(self, m["pid"])
+        self._refuse(m, exc)
+
+    def _on_cancel(self, m: dict) -> None:  # its client left while the choice waited for capacity
+        if (task := self._choosing.get(m["q"])) is not None:
+            task.cancel()
+
+    def _on_ev(self, m: dict) -> None:
+        if (lease := self.leases.get(m["l"])) is not None and m["e"] in HEALTH_EVENTS:
+            event = getattr(lease[0].health, m["e"])
+            event() if m["v"] is None else event(m["v"])
+
+    def _on_release(self, m: dict) -> None:
+        if (lease := self.leases.pop(m["l"], None)) is not None:
+            self.gateway.release_soon(*lease)
+
+    def _on_end(self, m: dict) -> None:
+        self._end(m["a"])
+
+    def _on_rec(self, m: dict) -> None:
+        attempt = Attempt(at=m["at"], path=m["p"], worker=m["w"], route=m["route"], matched_bytes=m["mb"],
+                          status=m["st"], ttfb_s=m["ttfb"], why=m["why"])
+        self.gateway._book(attempt, self._decision(m), _usage(m["u"]))
+
+    def _on_book(self, m: dict) -> None:
+        self.gateway._book_cache(self._decision(m), _usage(m["u"]))
+
+    def _on_fin(self, m: dict) -> None:
+        self.gateway._finished(m["p"], m["st"], m["sec"])
+        self.gateway.metrics.relay_requests_by[str(self.index),].inc()
+
+    def _on_left(self, m: dict) -> None:
+        self.gateway._count_disconnect()
+
+    def _on_hello(self, m: dict) -> None:
+        self.relays.said_hello(self, m["pid"])
 
     def _admitted(self, m: dict) -> bool:
         """The request admitted under its key's limits (held until its "end"), or refused to the relay."""
@@ -115,29 +162,6 @@ class RelayEnd(Link):
             return False
         self.admissions[m["a"]] = admission
         return True
-
-    async def _choose(self, m: dict) -> None:
-        g, tried = self.gateway, set(m["tried"])
-        try:
-            route = RouteRequest("", bytes.fromhex(m["s"]) if m["s"] else None, m["b"],
-                                 blocks=Blocks(*m["bl"]) if m["bl"] else None)
-            decision = await g._choose(m["m"], None, tried, route)
-        except Exception as exc:  # noqa: BLE001 — an unexpected one is a 500, as the error middleware makes it
-            if not isinstance(exc, APIError):
-                log.exception("gateway.relay_choice_failed", relay=self.index)
-                exc = APIError(500, f"internal error: {exc}", code="internal_error")
-            if not tried:
-                self._end(m["a"])
-            self._refuse(m, exc)
-            return
-        if decision is None:
-            self.send({"t": "chosen", "q": m["q"]})
-        elif not self.closed.done():  # a relay gone while its request waited for capacity takes no lease
-            lease = next(self.relays.lease_ids)
-            self.leases[lease] = (decision.worker, g._lease(decision.worker))
-            self.send({"t": "chosen", "q": m["q"], "lease": lease, "w": decision.worker.name,
-                       "u": decision.worker.url, "r": decision.reason, "mb": decision.matched_bytes,
-                       "pb": decision.prompt_bytes})
 
     def _refuse(self, m: dict, exc: APIError) -> None:
         self.send({"t": "chosen", "q": m["q"], "e": {"status": exc.status, "message": exc.message, "param": exc.param,

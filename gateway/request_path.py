@@ -63,6 +63,13 @@ class Outcome:
     usage: Usage | None = None  # what the engine reported of the prompt (JSON answers; a stream's as it ends)
 
 
+@dataclass(frozen=True)
+class AtCapacity:
+    """A choice that must wait: every candidate worker is at `max_inflight_per_worker` (gateway.app)."""
+
+    candidates: list[Worker]
+
+
 class RequestPath(ABC):
     """The proxied paths' handler (`proxy`) over the hooks below."""
 

@@ -34,9 +34,10 @@ class PrefixAffinity(RoutingPolicy):
     def choose(self, candidates: list[Worker], request: RouteRequest) -> Decision:
         chain = self._chain(request)
         matched = {w.name: self.index.match(chain, w.name) for w in candidates}
-        trusted = {name: 0 if name in request.distrusted else n for name, n in matched.items()}
+        trusted = {name: 0 if name in request.distrusted else n for name, n in matched.items()} \
+            if request.distrusted else matched
         best = self._hit(trusted, request)
-        least = min(w.inflight for w in candidates)
+        least = min([w.inflight for w in candidates])
         if best:
             holder = self.least_loaded([w for w in candidates if trusted[w.name] == best])
             if holder.inflight - least <= self.load_margin:
@@ -45,7 +46,7 @@ class PrefixAffinity(RoutingPolicy):
                 worker, reason = self._roomiest(candidates, least), "load_guard"
         else:
             worker = self._roomiest(candidates, least)
-            reason = "distrusted" if self._hit(matched, request) else "miss"
+            reason = "distrusted" if trusted is not matched and self._hit(matched, request) else "miss"
         return self._record(chain, worker, reason, matched[worker.name], request)
 
     @property
