@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from collections import OrderedDict
 
 import pytest
 
@@ -65,6 +66,24 @@ def test_prefix_index_match_is_the_leading_run_of_held_blocks_under_eviction():
             chain = index.chain(probe)
             walked = next((i for i, h in enumerate(chain) if h not in index._blocks["w"]), len(chain))
             assert index.match(chain, "w") == walked * 8
+
+
+def test_prefix_index_insert_keeps_the_lru_order_of_moving_each_block_from_last_to_first():
+    """insert's two C-level passes leave the blocks in the order (and evict the ones) that moving each block
+    of the chain to the end, from its last to its first, would: checked against that loop, block by block."""
+    rng = random.Random(11)
+    index = PrefixIndex(block_size=8, max_bytes_per_worker=8 * 30)
+    reference: OrderedDict[int, None] = OrderedDict()
+    trunks = [_text(rng, 8 * rng.randint(1, 5)) for _ in range(5)]
+    for _ in range(300):
+        chain = index.chain(rng.choice(trunks) + _text(rng, rng.randint(0, 8 * 6)))
+        index.insert(chain, "w")
+        for h in reversed(chain):
+            reference[h] = None
+            reference.move_to_end(h)
+        while len(reference) > 30:
+            reference.popitem(last=False)
+        assert list(index._blocks["w"]) == list(reference)
 
 
 def test_round_robin_least_conn_power_of_two():
