@@ -25,6 +25,7 @@ DASHBOARD = REPO / "monitoring" / "grafana-dashboard.json"
 ALERTS = REPO / "monitoring" / "alerts.yaml"
 ALERT_TESTS = REPO / "monitoring" / "alerts.test.yaml"
 HPA = REPO / "k8s" / "engine-hpa.yaml"
+K8S_README = REPO / "k8s" / "README.md"
 # The series each metric type exposes, by suffix (prometheus_client's exposition).
 SUFFIXES = {"counter": ("_total", "_created"), "histogram": ("_bucket", "_sum", "_count", "_created"),
             "summary": ("", "_sum", "_count", "_created"), "gauge": ("",), "unknown": ("",), "info": ("_info",)}
@@ -148,7 +149,12 @@ def test_hpa_scales_the_engines_on_a_gateway_metric(exported):
     assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "StatefulSet", "name": "sglang-gw-engine"}
     (metric,) = hpa["spec"]["metrics"]
     assert metric["type"] == "External" and metric["external"]["target"]["type"] == "AverageValue"
-    assert metric["external"]["metric"]["name"] in exported["gateway"]
+    # The adapter rule k8s/README.md gives makes the metric: from series the gateway exports, counting the
+    # requests it queues as well as those in flight (a max_inflight_per_worker cap bounds the latter).
+    (rule,) = yaml.safe_load(re.search(r"```yaml\n(rules:.*?)```", K8S_README.read_text(), re.S).group(1))["rules"]["external"]
+    assert rule["name"]["as"] == metric["external"]["metric"]["name"]
+    read = _metrics_in(rule["metricsQuery"].replace("<<.LabelMatchers>>", ""))
+    assert read == {"sglang_gw_inflight_requests", "sglang_gw_queued_requests"} and read <= exported["gateway"]
 
 
 def test_status_page_reads_metrics_the_engine_exports(exported):
