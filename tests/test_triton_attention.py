@@ -21,9 +21,12 @@ import torch.nn.functional as F
 if importlib.util.find_spec("triton") is None:
     pytest.skip("triton is not installed", allow_module_level=True)
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-if DEVICE == "cpu" and "triton" not in sys.modules:
-    # Triton decides interpreted or compiled when a function is decorated, triton.language's own at its
-    # import, and the interpreter reads the variable again while it runs: set for the rest of this process.
+# Triton decides interpreted or compiled when a function is decorated (triton.language's own at its import,
+# our kernels' at triton_kernels' import), and the interpreter reads the variable again while it runs: set
+# for those imports, then only while this module's tests run (`_interpreting`), not for the test session.
+INTERPRET = DEVICE == "cpu" and "triton" not in sys.modules
+_before = os.environ.get("TRITON_INTERPRET")
+if INTERPRET:
     os.environ["TRITON_INTERPRET"] = "1"
 
 import triton.language as tl  # noqa: E402
@@ -32,10 +35,19 @@ from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
 from sglang_gw.engine import Engine, SamplingParams, triton_kernels  # noqa: E402
 from sglang_gw.engine.cuda_graphs import GraphedModel, capture_sizes  # noqa: E402
 
+if INTERPRET and _before is None:
+    del os.environ["TRITON_INTERPRET"]
+
 # Without CUDA the kernels need the interpreter, which this process has only if triton was first imported
 # here; where another test module imported it before (sglang's frontend does), a fresh process runs them.
 RUNS_HERE = DEVICE == "cuda" or isinstance(tl.sum, InterpretedFunction)
 here = pytest.mark.skipif(not RUNS_HERE, reason="triton was imported compiled in this process: run in a fresh one")
+
+
+@pytest.fixture(autouse=True)
+def _interpreting(monkeypatch):
+    if INTERPRET:
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
 
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 2e-2}  # bf16: the output's own rounding, p cast for P·V
 HEAD_DIM = 16
