@@ -450,7 +450,7 @@ class Gateway(RequestPath):
                        code="model_not_found")
 
     def _serving(self, model: str | None) -> list[GatewayWorker]:
-        return [w for w in self.workers if w.health.routable and (model is None or model in w.models)]
+        return [w for w in self.workers if w.routable and (model is None or model in w.models)]
 
     def _finished(self, path: str, status: int, seconds: float) -> None:
         self.metrics.latency_by[path,].observe(seconds)
