@@ -43,7 +43,7 @@ class Link(asyncio.Protocol):
     def __init__(self):
         self.transport: asyncio.Transport | None = None
         self._inbox = bytearray()
-        self._outbox: list[dict] = []  # this iteration's messages, sent as one frame at its end
+        self._outbox: list[bytes] = []  # this iteration's messages, encoded, sent as one frame at its end
         self.closed = asyncio.get_running_loop().create_future()  # set when the connection is lost
 
     def received(self, message: dict) -> None:
@@ -52,12 +52,13 @@ class Link(asyncio.Protocol):
     def send(self, message: dict) -> None:
         if self.transport is None or self.transport.is_closing():
             return  # the link is down: what it would report dies with it (the other end cleans up)
+        data = orjson.dumps(message)  # here, so that a message that cannot be encoded fails its sender alone
         if not self._outbox:
             asyncio.get_running_loop().call_soon(self._flush)
-        self._outbox.append(message)
+        self._outbox.append(data)
 
     def _flush(self) -> None:
-        data, self._outbox = orjson.dumps(self._outbox), []
+        data, self._outbox = b"[" + b",".join(self._outbox) + b"]", []
         if self.transport is not None and not self.transport.is_closing():
             self.transport.write(_LENGTH.pack(len(data)) + data)
 

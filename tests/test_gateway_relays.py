@@ -4,11 +4,13 @@ slow fake engine where a relay is killed mid-stream (a fault injected at the gat
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import http.client
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -24,6 +26,7 @@ from conftest import ServeProcess, engine_fleet, process_gone
 from sglang_gw.bench import fake_server
 from sglang_gw.gateway.auth import hash_key
 from sglang_gw.gateway.config import parse_config
+from sglang_gw.gateway.relay_link import Link
 from sglang_gw.testing import free_port, http_json, stop_process
 from sglang_gw.validation import ConfigError
 
@@ -327,3 +330,41 @@ def test_relays_that_cannot_listen_stop_the_gateway(tmp_path):
     assert result.returncode == 1 and "gateway.processes" in result.stderr and "before listening" in result.stderr
     assert "Address already in use" in result.stderr and "Traceback" not in result.stderr, result.stderr
     assert time.monotonic() - started < 30
+
+
+def test_the_link_sends_an_iterations_messages_as_one_frame_and_a_bad_message_fails_its_sender_alone():
+    """relay_link.Link: what one loop iteration sends arrives in order, from one write; a message that cannot
+    be encoded raises where it is sent and costs the others nothing; a frame cut across reads is reassembled."""
+    class Recording(Link):
+        def __init__(self):
+            super().__init__()
+            self.messages: list[dict] = []
+            self.reads = 0
+
+        def received(self, message: dict) -> None:
+            self.messages.append(message)
+
+        def data_received(self, data: bytes) -> None:
+            self.reads += 1
+            for i in range(0, len(data), 7):  # as if the socket gave it 7 bytes at a time
+                super().data_received(data[i:i + 7])
+
+    async def run() -> tuple[list[dict], int]:
+        loop = asyncio.get_running_loop()
+        left, right = socket.socketpair()
+        _, sender = await loop.create_unix_connection(Link, sock=left)
+        _, receiver = await loop.create_unix_connection(Recording, sock=right)
+        sender.send({"t": "release", "l": 1})
+        with pytest.raises(TypeError):
+            sender.send({"t": "ev", "l": 1, "e": "response", "v": {1, 2}})  # a set: no JSON for it
+        sender.send({"t": "end", "a": 2, "text": "é\n\"x\""})
+        deadline = loop.time() + 5
+        while len(receiver.messages) < 2 and loop.time() < deadline:
+            await asyncio.sleep(0.01)
+        sender.transport.close()
+        receiver.transport.close()
+        return receiver.messages, receiver.reads
+
+    messages, reads = asyncio.run(run())
+    assert messages == [{"t": "release", "l": 1}, {"t": "end", "a": 2, "text": "é\n\"x\""}]
+    assert reads == 1  # one frame, in one write
