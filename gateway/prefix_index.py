@@ -13,8 +13,7 @@ Invariant (checked by `check`): each worker's blocks stand for at most max_bytes
 
 from __future__ import annotations
 
-import collections
-from collections import OrderedDict
+from collections import OrderedDict, deque
 
 
 def block_chain(data: bytes, block_size: int) -> list[int]:
@@ -72,7 +71,7 @@ class PrefixIndex:
         held = _held(blocks, chain) if blocks else 0
         if held < len(chain):
             blocks.update(dict.fromkeys(reversed(chain[held:])))
-        collections.deque(map(blocks.move_to_end, reversed(chain[:held])), 0)
+        deque(map(blocks.move_to_end, reversed(chain[:held])), 0)  # consumed for its calls
         while len(blocks) * self.block_size > self.max_bytes:
             blocks.popitem(last=False)
 

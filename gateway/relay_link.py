@@ -22,7 +22,6 @@ gateway → relay:
                              begins), the block size of the policy's prefix index (None: it reads no routing
                              text), and the chat template path of
                              each model; sent first and again on each change
-
 """
 
 from __future__ import annotations
