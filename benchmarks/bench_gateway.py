@@ -2,8 +2,9 @@
 its interpreter, SGLang's Rust router (`sglang-router` from PyPI, cache_aware), same run.
 
 Four fake engines (sglang_gw/bench/fake_server.py) answer at once; each proxy runs pinned to one core
-(taskset), the fakes and the load generator on the other. Per proxy: CPU seconds per non-streamed
-request, CPU seconds per relayed SSE event (64-event streams), p50/p99 latency added over going to an
+(taskset), the fakes and the load generator on the other. Per proxy: non-streamed requests per second (as
+far as the load generator, on the other core, can send them; and what the proxy's CPU per request would
+allow on its core), CPU seconds per non-streamed request, CPU seconds per relayed SSE event (64-event streams), p50/p99 latency added over going to an
 engine directly, and time to first SSE event when the engines take 20 ms per token (a few streams at once:
 the delay the proxy adds, not its queueing under load).
 
@@ -224,15 +225,15 @@ def main() -> None:
         for name, start in proxies:
             with running(start, urls) as (url, pids):
                 asyncio.run(traffic(url, 200, args.concurrency, False))  # warm-up: connections, caches
-                cpu0, main0 = cpu_seconds(pids), cpu_seconds(pids[:1])
+                cpu0, main0, started = cpu_seconds(pids), cpu_seconds(pids[:1]), time.perf_counter()
                 plain = asyncio.run(traffic(url, args.requests, args.concurrency, False))
-                cpu1, main1 = cpu_seconds(pids), cpu_seconds(pids[:1])
+                cpu1, main1, elapsed = cpu_seconds(pids), cpu_seconds(pids[:1]), time.perf_counter() - started
                 asyncio.run(traffic(url, args.stream_requests, args.concurrency, True))
                 cpu2 = cpu_seconds(pids)
             rows[name] = {"cpu_per_request_us": (cpu1 - cpu0) / args.requests * 1e6,
                           "main_cpu_per_request_us": (main1 - main0) / args.requests * 1e6,
                           "cpu_per_event_us": (cpu2 - cpu1) / (args.stream_requests * 65) * 1e6,
-                          "latency": pct([lat for lat, _ in plain])}
+                          "latency": pct([lat for lat, _ in plain]), "rps": args.requests / elapsed}
     with fakes(0.02) as urls:
         ttfe_load = partial(traffic, requests=256, concurrency=args.first_event_concurrency, stream=True, tokens=16)
         direct_ttfe = asyncio.run(ttfe_load(urls))
@@ -251,7 +252,8 @@ def main() -> None:
     for name, r in rows.items():
         l50, l99 = r["latency"]
         f50, f99 = r["ttfe"]
-        print(f"{name:10s} CPU {r['cpu_per_request_us']:.0f} us/request, {r['cpu_per_event_us']:.1f} us/SSE event; "
+        print(f"{name:10s} {r['rps']:.0f} req/s (its CPU per request allows {1e6 / r['cpu_per_request_us']:.0f} on "
+              f"one core), CPU {r['cpu_per_request_us']:.0f} us/request, {r['cpu_per_event_us']:.1f} us/SSE event; "
               f"latency p50 {l50:.2f} ms p99 {l99:.2f} ms (added vs direct: {l50 - d50:+.2f} / {l99 - d99:+.2f}); "
               f"first event p50 {f50:.1f} ms ({f50 - t50:+.1f}) p99 {f99:.1f} ms ({f99 - t99:+.1f})")
     if args.processes > 1:
