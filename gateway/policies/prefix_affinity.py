@@ -33,11 +33,13 @@ class PrefixAffinity(RoutingPolicy):
 
     def choose(self, candidates: list[Worker], request: RouteRequest) -> Decision:
         chain = self._chain(request)
+        least = min([w.inflight for w in candidates])
+        if not chain:  # shorter than a block: nothing to match, nothing to record (most short requests)
+            return self._record(chain, self._roomiest(candidates, least), "miss", 0, request)
         matched = {w.name: self.index.match(chain, w.name) for w in candidates}
         trusted = {name: 0 if name in request.distrusted else n for name, n in matched.items()} \
             if request.distrusted else matched
         best = self._hit(trusted, request)
-        least = min([w.inflight for w in candidates])
         if best:
             holder = self.least_loaded([w for w in candidates if trusted[w.name] == best])
             if holder.inflight - least <= self.load_margin:
@@ -76,7 +78,8 @@ class PrefixAffinity(RoutingPolicy):
 
     def _record(self, chain: list[int], worker: Worker, reason: str, matched: int,
                 request: RouteRequest) -> Decision:
-        self.index.insert(chain, worker.name)
+        if chain:
+            self.index.insert(chain, worker.name)
         # A batch's text is only what its prompts share: its engine reports tokens of them all.
         return Decision(worker, reason, matched, 0 if request.batch else request.text_bytes)
 
