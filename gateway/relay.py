@@ -28,7 +28,7 @@ from multidict import CIMultiDict
 
 from ..errors import APIError, error_middleware
 from ..logs import configure_logging
-from ..serving import CannotListen, listening
+from ..serving import CannotListen, listening, settle_heap
 
 from .auth import Authenticator, KeyState
 from .cache_prediction import Usage
@@ -288,6 +288,7 @@ async def run_relay(link_socket: str, control_socket: str, host: str, port: int)
         return 1
     await relay.templates_loaded()  # those known at the start, before the first request
     async with listening(relay.app(), host, port, reuse_port=True) as stop:
+        settle_heap()
         link.send({"t": "hello", "pid": os.getpid()})
         log.info("gateway.relay_listening", host=host, port=port, pid=os.getpid())
         await asyncio.wait([asyncio.ensure_future(stop.wait()), link.closed], return_when=asyncio.FIRST_COMPLETED)

@@ -24,7 +24,7 @@ import structlog
 
 from ..errors import APIError
 from ..logs import configured
-from ..serving import CannotListen, listening
+from ..serving import CannotListen, listening, settle_heap
 
 from .cache_prediction import Usage
 from .config import GatewaySettings
@@ -300,12 +300,14 @@ async def serving(gateway: Gateway, host: str, port: int) -> AsyncIterator[async
     through `gateway.processes` relays while it serves their passed-through paths on a Unix socket."""
     if gateway.config.processes == 1:
         async with listening(gateway.app, host, port) as stop:
+            settle_heap()
             yield stop
         return
     relays = gateway.relays = Relays(gateway, host, port)
     try:
         async with listening(gateway.app, host, port, unix_path=relays.control_path) as stop:
             await relays.start()
+            settle_heap()
             try:
                 yield stop
             finally:

