@@ -1,6 +1,7 @@
 """The floor under the gateway's request path: aiohttp's server and sglang-gw's upstream client
 (gateway/upstream.py), forwarding POSTs round robin and relaying the answer (an event stream as its
-chunks come), with nothing else (no parsing, routing, health, metrics, logs or failover).
+chunks come), its heap settled as the gateway's processes' are (sglang_gw/serving.py), with nothing else
+(no parsing, routing, health, metrics, logs or failover).
 `bench_gateway.py --floor` measures it next to the gateway: the least a proxy built on these parts costs.
 
     python benchmarks/floor_proxy.py PORT ENGINE_URL [ENGINE_URL ...]
@@ -15,7 +16,7 @@ import uvloop
 from aiohttp import web
 
 from sglang_gw.gateway.upstream import Upstream
-from sglang_gw.serving import listening
+from sglang_gw.serving import listening, settle_heap
 
 
 async def serve(port: int, urls: list[str]) -> None:
@@ -42,6 +43,7 @@ async def serve(port: int, urls: list[str]) -> None:
     app.router.add_post("/v1/completions", forward)
     app.router.add_get("/health", lambda _: web.Response(text="ok"))
     async with listening(app, "127.0.0.1", port) as stop:
+        settle_heap()  # as the gateway's processes do
         await stop.wait()
     upstream.close()
 
