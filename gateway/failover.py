@@ -23,8 +23,9 @@ class NotContinued(Exception):
 class Progress:
     """One request's: its body, what its client has been sent, and the client's stream once begun."""
 
-    def __init__(self, body: dict):
-        self.body = body
+    def __init__(self, body: dict, raw: bytes):
+        self.body = body  # as read for routing (sglang_gw/errors.py parse_json_to_read)
+        self._raw = raw  # as the client sent it: a continuation is made from this, exactly
         self.stream = body.get("stream") is True
         self.ids: dict[int, list[int]] = {}  # choice index → output ids behind what the client has
         self.finished: set[int] = set()  # choices whose last event the client has
@@ -99,7 +100,7 @@ class Progress:
             self._identity = self._identity_seen()
         self._dropped = frozenset(self.finished)
         self._pending = b""
-        return json.dumps(dict(self.body, **{RESUME_FIELD: {str(c): ids for c, ids in self.ids.items()}})).encode()
+        return json.dumps(dict(json.loads(self._raw), **{RESUME_FIELD: {str(c): ids for c, ids in self.ids.items()}})).encode()
 
     def _identity_seen(self) -> dict:
         """The ids the client saw: the OpenAI object's id and created; /generate's id per choice."""

@@ -29,7 +29,7 @@ import structlog
 from aiohttp import web
 from multidict import CIMultiDict
 
-from ..errors import APIError, bad_request, read_json
+from ..errors import APIError, bad_request, parse_json_to_read, read_json
 from ..limits import INLINE_BODY_BYTES
 from ..resume import RESUMABLE_HEADER
 
@@ -110,7 +110,8 @@ class RequestPath(ABC):
         if not self.admitting:
             raise shutting_down()
         key = self.auth.identify(request)
-        body = await read_json(request)  # nesting bounded (sglang_gw/limits.py); the engine checks the rest
+        # Read for routing, not written back (the engine checks the rest): nesting bounded (sglang_gw/limits.py).
+        body = await read_json(request, parse_json_to_read)
         raw = await request.read()  # cached by aiohttp: forwarded as the client sent it
         if not isinstance(body, dict):
             raise bad_request("the request body must be a JSON object", None, "invalid_json")
@@ -147,7 +148,7 @@ class RequestPath(ABC):
         else:
             text = await asyncio.to_thread(self.routing_text, request.path, body)
         route = RouteRequest(text, self.sessions.key(request.headers, body, model), is_batch(request.path, body))
-        progress = Progress(body)
+        progress = Progress(body, raw)
         tried: set[str] = set()
         retries = failovers = 0
         kind = ""  # a repeated attempt's route: "retry" or "failover"

@@ -8,6 +8,7 @@ import re
 from typing import Callable
 
 import numpy as np
+import orjson
 import structlog
 from aiohttp import web
 
@@ -74,11 +75,13 @@ def error_middleware(max_request_bytes: int, unexpected_status: Callable[[], int
     return errors
 
 
-async def read_json(request: web.Request) -> object:
-    """The request body as JSON; malformed, nested too deep or not encodable → 400 (too large → 413 through
-    the middleware). A large body is parsed in a worker thread (INLINE_BODY_BYTES)."""
+async def read_json(request: web.Request, parse: Callable[[bytes], object] | None = None) -> object:
+    """The request body as JSON (`parse_json`, or `parse_json_to_read`); malformed, nested too deep or not
+    encodable → 400 (too large → 413 through the middleware). A large body is parsed in a worker thread
+    (INLINE_BODY_BYTES)."""
+    parse = parse or parse_json
     raw = await request.read()
-    return parse_json(raw) if len(raw) <= INLINE_BODY_BYTES else await asyncio.to_thread(parse_json, raw)
+    return parse(raw) if len(raw) <= INLINE_BODY_BYTES else await asyncio.to_thread(parse, raw)
 
 
 def parse_json(raw: bytes) -> object:
@@ -97,6 +100,20 @@ def parse_json(raw: bytes) -> object:
         except UnicodeEncodeError:
             raise bad_request("malformed JSON: a string holds a lone UTF-16 surrogate", None, "invalid_json") from None
     return body
+
+
+def parse_json_to_read(raw: bytes) -> object:
+    """`parse_json` for a body that is read, not written back: orjson, ~4x faster, where it accepts the body
+    and it is not nested deep enough to need the nesting check; `parse_json` otherwise, so that whatever
+    orjson refuses (NaN, a lone surrogate, bad UTF-8) is accepted or refused exactly as there. One
+    difference: an integer beyond 64 bits comes back as a float. The gateway reads a few fields (model,
+    the prompt, the session key) from it and forwards the bytes as they came."""
+    if not _brackets_over(raw, MAX_JSON_DEPTH):
+        try:
+            return orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            pass
+    return parse_json(raw)
 
 
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")

@@ -18,8 +18,9 @@ import pytest
 
 from conftest import engine_fleet
 from sglang_gw.gateway.auth import hash_key
+from sglang_gw.errors import parse_json_to_read
 from sglang_gw.gateway.failover import Progress
-from sglang_gw.resume import RESUMABLE_HEADER
+from sglang_gw.resume import RESUMABLE_HEADER, RESUME_FIELD
 from sglang_gw.testing import DONE, http_json, sse_event
 from test_gateway import _start_gateway
 
@@ -114,18 +115,36 @@ async def _run(client: openai.AsyncOpenAI, base: str, run: Run) -> Run:
     return run
 
 
+def progress_of(body: dict) -> Progress:
+    """A request's Progress, its body as the client sent it."""
+    return Progress(body, json.dumps(body).encode())
+
+
 def test_relay_gives_whole_events_whatever_the_chunks():
     """The relay's framing: chunks cut anywhere give the same events, annotations read and stripped, other
     SSE comments passed on, an unterminated last event flushed as it is."""
     stream = (b': gw 0 0 5 6\ndata: {"a": 1}\n\n: keep-alive\n\n: gw 1. 0 7\ndata: {"b": 2}\n\n'
               b': gw usage\ndata: {"u": 3}\n\n: gw 0. 2 8\ndata: {"c": 4}')
-    whole = Progress({"stream": True})
+    whole = progress_of({"stream": True})
     want = whole.feed(stream) + whole.flush()
     assert want == b'data: {"a": 1}\n\n: keep-alive\n\ndata: {"b": 2}\n\ndata: {"u": 3}\n\ndata: {"c": 4}\n\n'
     assert whole.ids == {0: [5, 6, 8], 1: [7]} and whole.finished == {0, 1} and whole.continuable
-    bytewise = Progress({"stream": True})
+    bytewise = progress_of({"stream": True})
     assert b"".join(bytewise.feed(stream[i:i + 1]) for i in range(len(stream))) + bytewise.flush() == want
     assert (bytewise.ids, bytewise.finished) == (whole.ids, whole.finished)
+
+
+def test_a_continuation_is_made_from_the_body_as_sent_not_as_read():
+    """The gateway reads a body with orjson, where an integer past 64 bits becomes a float; the next engine's
+    body is made from the bytes the client sent, so such an integer reaches it as sent."""
+    big = 123456789012345678901234567890
+    raw = b'{"prompt": "a", "stream": true, "seed": %d}' % big
+    body = parse_json_to_read(raw)
+    assert body["stream"] is True and isinstance(body["seed"], float)  # as read: close, not exact
+    progress = Progress(body, raw)
+    assert progress.feed(b': gw 0 0 5 6\ndata: {"a": 1}\n\n') == b'data: {"a": 1}\n\n'
+    resumed = json.loads(progress.resume_body())
+    assert resumed["seed"] == big and resumed[RESUME_FIELD] == {"0": [5, 6]}
 
 
 def test_a_stream_without_annotations_is_relayed_whole_events_at_a_time_as_it_is():
@@ -133,7 +152,7 @@ def test_a_stream_without_annotations_is_relayed_whole_events_at_a_time_as_it_is
     it is cut, and its [DONE] ends it."""
     stream = b'data: {"a": 1}\n\n: keep-alive\n\ndata: {"b": 2}\n\ndata: [DONE]\n\n'
     for size in (1, 3, 7, len(stream)):
-        progress = Progress({"stream": True})
+        progress = progress_of({"stream": True})
         chunks = [stream[i:i + size] for i in range(0, len(stream), size)]
         relayed = [progress.feed(chunk) for chunk in chunks]
         assert b"".join(relayed) == stream and progress.done and not progress.continuable
@@ -143,7 +162,7 @@ def test_a_stream_without_annotations_is_relayed_whole_events_at_a_time_as_it_is
 async def _events(url: str, path: str, body: dict, cut_after: int | None = None) -> list[dict]:
     """The events a client gets through the gateway's relay (gateway/failover.py), from one engine: the
     whole stream, or `cut_after` events of it and then the rest continued by a second request."""
-    progress, delivered = Progress(body), b""
+    progress, delivered = progress_of(body), b""
     headers = {RESUMABLE_HEADER: "1", "Content-Type": "application/json"}
     async with aiohttp.ClientSession() as session:
         async with session.post(url + path, data=json.dumps(body), headers=headers) as resp:
@@ -220,7 +239,7 @@ def test_engine_continues_a_non_streamed_answer_from_its_checkpoint(engines):
     whole = http_json(url + "/v1/completions", json.dumps(body).encode(), {"Content-Type": "application/json"})[1]
 
     async def cut_and_continue() -> tuple[dict, dict[int, int]]:
-        progress = Progress(body)
+        progress = progress_of(body)
         headers = {RESUMABLE_HEADER: "1", "Content-Type": "application/json"}
         async with aiohttp.ClientSession() as session:
             async with session.post(url + "/v1/completions", json=body, headers=headers) as resp:

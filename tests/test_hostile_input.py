@@ -18,6 +18,7 @@ from conftest import engine_fleet
 from test_gateway import _start_gateway
 from sglang_gw.limits import (MAX_BATCH, MAX_JSON_DEPTH, MAX_LOGIT_BIAS, MAX_N, MAX_STOP, MAX_STOP_TOKEN_IDS,
                               MAX_TOP_LOGPROBS)
+from sglang_gw.errors import APIError, parse_json, parse_json_to_read
 from sglang_gw.testing import sse_event
 
 MODEL = "tiny"
@@ -186,6 +187,26 @@ def test_a_number_that_is_not_finite_is_a_400_naming_the_field(url, path, raw, p
 def test_malformed_json_is_a_400(url, path, raw):
     status, out = send(url, path, raw if isinstance(raw, bytes) else raw.encode())
     assert_refused(status, out, None, "invalid_json")
+
+
+@pytest.mark.parametrize("raw", [
+    b'{"model": "m", "messages": [{"role": "user", "content": "h\\u00e9 \\ud83d\\ude00"}], "n": 2}',
+    b'{"prompt": [1, 2, 3], "temperature": 0.5, "stop": null, "x": [true, false, {}]}',
+    b'{"temperature": NaN, "top_p": Infinity, "t": 1e999}',  # orjson refuses these: the exact parse takes them
+    ("{\"extra\": " + nested(MAX_JSON_DEPTH - 1) + "}").encode(),  # at the cap, through the nesting check
+    ("{\"extra\": " + nested(MAX_JSON_DEPTH) + "}").encode(),
+    b'{"content": "\\ud800"}', b'{"text": "\xc3\x28"}', b'{"text": "hi"', b"[" * 2000,
+], ids=["chat", "ids-and-literals", "not-finite", "nested-to-the-cap", "nested-past-the-cap", "lone-surrogate",
+        "not-utf8", "truncated", "unclosed"])
+def test_the_gateways_quick_parse_accepts_and_refuses_what_the_exact_one_does(raw):
+    """The gateway reads a body with orjson where it can (sglang_gw/errors.py parse_json_to_read): it gives the
+    same value as the exact parse, or the same 400."""
+    def outcome(parse):
+        try:
+            return "ok", json.dumps(parse(raw))  # NaN renders as NaN: comparable
+        except APIError as exc:
+            return exc.status, exc.code, exc.message
+    assert outcome(parse_json_to_read) == outcome(parse_json)
 
 
 def test_nesting_up_to_the_cap_is_accepted(url):
