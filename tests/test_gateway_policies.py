@@ -161,6 +161,19 @@ def test_prefix_affinity_forgets_a_restarted_worker():
     assert policy.choose(workers, RouteRequest(text + "z")).reason == "miss"
 
 
+def test_a_block_chain_names_each_prefix_of_whole_blocks():
+    """One hash per whole block; a text's chain begins with the chain of any prefix of it, and a changed byte
+    in block i changes hash i and every one after it."""
+    text = bytes(range(256)) * 3 + b"tail"
+    for size in (1, 7, 64):
+        chain = block_chain(text, size)
+        assert len(chain) == len(text) // size
+        for cut in (0, size - 1, size, 5 * size + 3, len(text)):
+            assert block_chain(text[:cut], size) == chain[:cut // size]
+        changed = block_chain(text[:2 * size] + b"\xff" + text[2 * size + 1:], size)
+        assert changed[:2] == chain[:2] and all(a != b for a, b in zip(changed[2:], chain[2:]))
+
+
 def test_prefix_affinity_routes_a_relays_block_chain_as_the_text_it_stands_for():
     """A relay sends the text's chain (RouteRequest.blocks), not the text: the same routing, and no match for a
     chain cut at another block size (a reload changed it while the request was on its way)."""
