@@ -100,7 +100,8 @@ class Progress:
             self._identity = self._identity_seen()
         self._dropped = frozenset(self.finished)
         self._pending = b""
-        return json.dumps(dict(json.loads(self._raw), **{RESUME_FIELD: {str(c): ids for c, ids in self.ids.items()}})).encode()
+        resume = {str(c): ids for c, ids in self.ids.items()}
+        return json.dumps(dict(json.loads(self._raw), **{RESUME_FIELD: resume})).encode()
 
     def _identity_seen(self) -> dict:
         """The ids the client saw: the OpenAI object's id and created; /generate's id per choice."""

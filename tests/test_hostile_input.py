@@ -196,8 +196,9 @@ def test_malformed_json_is_a_400(url, path, raw):
     ("{\"extra\": " + nested(MAX_JSON_DEPTH - 1) + "}").encode(),  # at the cap, through the nesting check
     ("{\"extra\": " + nested(MAX_JSON_DEPTH) + "}").encode(),
     b'{"content": "\\ud800"}', b'{"text": "\xc3\x28"}', b'{"text": "hi"', b"[" * 2000,
+    b'{"n": ' + b"9" * 400 + b"}", b'{"n": ' + b"9" * 5000 + b"}", b'\xef\xbb\xbf{"a": 1}', '{"a": 1}'.encode("utf-16"),
 ], ids=["chat", "ids-and-literals", "not-finite", "nested-to-the-cap", "nested-past-the-cap", "lone-surrogate",
-        "not-utf8", "truncated", "unclosed"])
+        "not-utf8", "truncated", "unclosed", "400-digits", "5000-digits", "utf8-bom", "utf16"])
 def test_the_gateways_quick_parse_accepts_and_refuses_what_the_exact_one_does(raw):
     """The gateway reads a body with orjson where it can (sglang_gw/errors.py parse_json_to_read): it gives the
     same value as the exact parse, or the same 400."""
