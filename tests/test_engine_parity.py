@@ -26,8 +26,9 @@ def _prompts(seed: int) -> list[list[int]]:
 def test_greedy_matches_hf_with_chunked_prefill_and_cache_hits(tiny_models, family, backend):
     prompts = _prompts(seed=len(family))
     expected = hf_greedy(tiny_models[family], prompts, GREEDY.max_new_tokens)
+    # float32, as HF's reference: `auto` is bfloat16 on a CPU with bf16 dot products.
     with Engine(model=str(tiny_models[family]), max_total_tokens=8192, chunked_prefill_size=16,
-                attention_backend=backend) as engine:
+                attention_backend=backend, dtype="float32") as engine:
         cold = engine.generate(prompts, GREEDY)
         assert [o.output_ids for o in cold] == expected
         warm = engine.generate(prompts, GREEDY)
@@ -51,7 +52,8 @@ def test_smollm2_chat_matches_hf(smollm2_dir):
     prompts = [p if isinstance(p, list) else p["input_ids"] for p in prompts]
     params = SamplingParams(max_new_tokens=32, temperature=0, ignore_eos=True)
     expected = hf_greedy(smollm2_dir, prompts, 32)
-    with Engine(model="builtin:smollm2-135m-instruct", max_total_tokens=4096, chunked_prefill_size=16) as engine:
+    with Engine(model="builtin:smollm2-135m-instruct", max_total_tokens=4096, chunked_prefill_size=16,
+                dtype="float32") as engine:  # as HF's reference
         outs = engine.generate(prompts, params)
         assert [o.output_ids for o in outs] == expected
         assert "Paris" in outs[0].text

@@ -15,7 +15,8 @@ from sglang_gw.engine.sampler import apply_logit_bias, apply_penalties, filter_p
 
 @pytest.fixture(scope="module")
 def engine(tiny_models):
-    with Engine(model=str(tiny_models["llama"]), max_total_tokens=8192) as eng:
+    # float32: greedy ties and HF's logprobs are compared exactly (`auto` is bfloat16 on a bf16-capable CPU).
+    with Engine(model=str(tiny_models["llama"]), max_total_tokens=8192, dtype="float32") as eng:
         yield eng
 
 
