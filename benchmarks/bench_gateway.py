@@ -11,7 +11,7 @@ the delay the proxy adds, not its queueing under load).
     apt-get install nginx-light   # once
     python -m venv /tmp/rv && /tmp/rv/bin/pip install sglang-router setproctitle uvicorn fastapi orjson  # once
     python benchmarks/bench_gateway.py [--requests 2000] [--concurrency 64] [--policy prefix_affinity]
-                                       [--prompt-bytes 2] [--router-python /tmp/rv/bin/python]
+                                       [--prompt-bytes 2] [--router-python /tmp/rv/bin/python] [--rounds 3]
 """
 
 from __future__ import annotations
@@ -182,6 +182,8 @@ def main() -> None:
     ap.add_argument("--floor", action="store_true",
                     help="adds benchmarks/floor_proxy.py: aiohttp and our upstream client forwarding, nothing else")
     ap.add_argument("--router-python", help="an interpreter with sglang-router installed: adds SGLang's router")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="measure every proxy this many times, in turn, and print each figure's median")
     ap.add_argument("--processes", type=int, default=1,
                     help="more than 1 adds sglang-gw with that many relay processes (gateway.processes), on the "
                          "same one core: its CPU per request, and the gateway process's share of it")
@@ -219,21 +221,25 @@ def main() -> None:
             for p in procs:
                 p.terminate()
 
-    rows = {}
+    rounds: dict[str, list[dict]] = {name: [] for name, _ in proxies}
     with fakes(0.0) as urls:
         direct = asyncio.run(traffic(urls, args.requests, args.concurrency, False))  # client-side round robin
-        for name, start in proxies:
-            with running(start, urls) as (url, pids):
-                asyncio.run(traffic(url, 200, args.concurrency, False))  # warm-up: connections, caches
-                cpu0, main0, started = cpu_seconds(pids), cpu_seconds(pids[:1]), time.perf_counter()
-                plain = asyncio.run(traffic(url, args.requests, args.concurrency, False))
-                cpu1, main1, elapsed = cpu_seconds(pids), cpu_seconds(pids[:1]), time.perf_counter() - started
-                asyncio.run(traffic(url, args.stream_requests, args.concurrency, True))
-                cpu2 = cpu_seconds(pids)
-            rows[name] = {"cpu_per_request_us": (cpu1 - cpu0) / args.requests * 1e6,
-                          "main_cpu_per_request_us": (main1 - main0) / args.requests * 1e6,
-                          "cpu_per_event_us": (cpu2 - cpu1) / (args.stream_requests * 65) * 1e6,
-                          "latency": pct([lat for lat, _ in plain]), "rps": args.requests / elapsed}
+        for _ in range(args.rounds):  # the proxies in turn each round, so that the machine's drift hits them alike
+            for name, start in proxies:
+                with running(start, urls) as (url, pids):
+                    asyncio.run(traffic(url, 200, args.concurrency, False))  # warm-up: connections, caches
+                    cpu0, main0, started = cpu_seconds(pids), cpu_seconds(pids[:1]), time.perf_counter()
+                    plain = asyncio.run(traffic(url, args.requests, args.concurrency, False))
+                    cpu1, main1, elapsed = cpu_seconds(pids), cpu_seconds(pids[:1]), time.perf_counter() - started
+                    asyncio.run(traffic(url, args.stream_requests, args.concurrency, True))
+                    cpu2 = cpu_seconds(pids)
+                rounds[name].append({"cpu_per_request_us": (cpu1 - cpu0) / args.requests * 1e6,
+                                     "main_cpu_per_request_us": (main1 - main0) / args.requests * 1e6,
+                                     "cpu_per_event_us": (cpu2 - cpu1) / (args.stream_requests * 65) * 1e6,
+                                     "latency": pct([lat for lat, _ in plain]), "rps": args.requests / elapsed})
+    # Each figure's median over the rounds (a latency pair, p50 and p99, sorts by its p50).
+    rows = {name: {key: statistics.median_low([r[key] for r in runs]) for key in runs[0]}
+            for name, runs in rounds.items()}
     with fakes(0.02) as urls:
         ttfe_load = partial(traffic, requests=256, concurrency=args.first_event_concurrency, stream=True, tokens=16)
         direct_ttfe = asyncio.run(ttfe_load(urls))
@@ -245,7 +251,8 @@ def main() -> None:
     t50, t99 = pct([first for _, first in direct_ttfe])
     print(f"\n{args.requests} non-streamed + {args.stream_requests} streamed (64 events) requests, "
           f"{args.concurrency} concurrent clients, 4 zero-delay fake engines, proxy pinned to one core; "
-          f"sglang-gw policy {args.policy}; prompts of {len(prompts(args.prompt_bytes)[0])} bytes")
+          f"sglang-gw policy {args.policy}; prompts of {len(prompts(args.prompt_bytes)[0])} bytes"
+          + (f"; medians of {args.rounds} rounds" if args.rounds > 1 else ""))
     print(f"direct to the engines: latency p50 {d50:.2f} ms p99 {d99:.2f} ms; "
           f"time to first event (20 ms/token, {args.first_event_concurrency} streams at once) p50 {t50:.1f} ms "
           f"p99 {t99:.1f} ms")
