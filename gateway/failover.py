@@ -21,11 +21,10 @@ class NotContinued(Exception):
 
 
 class Progress:
-    """One request's: its body, what its client has been sent, and the client's stream once begun."""
+    """One request's: its body as sent, what its client has been sent, and the client's stream once begun."""
 
     def __init__(self, body: dict, raw: bytes):
-        self.body = body  # as read for routing (sglang_gw/errors.py parse_json_to_read)
-        self._raw = raw  # as the client sent it: a continuation is made from this, exactly
+        self._raw = raw  # as the client sent it (`body` is as read for routing): a continuation is made from it
         self.stream = body.get("stream") is True
         self.ids: dict[int, list[int]] = {}  # choice index → output ids behind what the client has
         self.finished: set[int] = set()  # choices whose last event the client has

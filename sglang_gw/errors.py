@@ -75,15 +75,6 @@ def error_middleware(max_request_bytes: int, unexpected_status: Callable[[], int
     return errors
 
 
-async def read_json(request: web.Request, parse: Callable[[bytes], object] | None = None) -> object:
-    """The request body as JSON (`parse_json`, or `parse_json_to_read`); malformed, nested too deep or not
-    encodable → 400 (too large → 413 through the middleware). A large body is parsed in a worker thread
-    (INLINE_BODY_BYTES)."""
-    parse = parse or parse_json
-    raw = await request.read()
-    return parse(raw) if len(raw) <= INLINE_BODY_BYTES else await asyncio.to_thread(parse, raw)
-
-
 def parse_json(raw: bytes) -> object:
     """`read_json`'s parse: its errors are 400s."""
     if _brackets_over(raw, MAX_JSON_DEPTH):  # fewer brackets cannot nest deeper: skip the scan
@@ -114,6 +105,14 @@ def parse_json_to_read(raw: bytes) -> object:
         except orjson.JSONDecodeError:
             pass
     return parse_json(raw)
+
+
+async def read_json(request: web.Request, parse: Callable[[bytes], object] = parse_json) -> object:
+    """The request body as JSON (`parse_json`, or `parse_json_to_read`); malformed, nested too deep or not
+    encodable → 400 (too large → 413 through the middleware). A large body is parsed in a worker thread
+    (INLINE_BODY_BYTES)."""
+    raw = await request.read()
+    return parse(raw) if len(raw) <= INLINE_BODY_BYTES else await asyncio.to_thread(parse, raw)
 
 
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
