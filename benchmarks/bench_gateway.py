@@ -81,11 +81,12 @@ def start_router(urls: list[str], core: int, workdir: Path, python: str) -> tupl
     return proc, url, [proc.pid, *children(proc.pid)]
 
 
-def start_floor(urls: list[str], core: int, workdir: Path) -> tuple[subprocess.Popen, str, list[int]]:
-    """benchmarks/floor_proxy.py: aiohttp and our upstream client forwarding, nothing else."""
+def start_floor(urls: list[str], core: int, workdir: Path, server: str) -> tuple[subprocess.Popen, str, list[int]]:
+    """benchmarks/floor_proxy.py: a server (aiohttp's app or low-level one, or none) and our upstream client
+    forwarding, nothing else."""
     port = free_port()
     proc = subprocess.Popen(["taskset", "-c", str(core), sys.executable, str(Path(__file__).with_name("floor_proxy.py")),
-                             str(port), *urls], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                             "--server", server, str(port), *urls], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     wait_http(url + "/health")
     return proc, url, [proc.pid]
@@ -180,7 +181,8 @@ def main() -> None:
     ap.add_argument("--prompt-bytes", type=int, default=2,
                     help="prompt size: 2 is \"hi\"; more is 16 tenants' prompts of that size, in turn")
     ap.add_argument("--floor", action="store_true",
-                    help="adds benchmarks/floor_proxy.py: aiohttp and our upstream client forwarding, nothing else")
+                    help="adds benchmarks/floor_proxy.py, our upstream client forwarding and nothing else, behind "
+                         "aiohttp's web app (floor), its low-level server (floor-lowlevel), and no aiohttp (floor-raw)")
     ap.add_argument("--router-python", help="an interpreter with sglang-router installed: adds SGLang's router")
     ap.add_argument("--rounds", type=int, default=1,
                     help="measure every proxy this many times, in turn, and print each figure's median")
@@ -199,7 +201,8 @@ def main() -> None:
     if args.router_python:
         proxies.append(("sgl-router", lambda *a: start_router(*a, args.router_python)))
     if args.floor:
-        proxies.append(("floor", start_floor))
+        proxies += [(name, lambda *a, server=server: start_floor(*a, server))
+                    for name, server in (("floor", "app"), ("floor-lowlevel", "lowlevel"), ("floor-raw", "raw"))]
     if args.processes > 1:
         proxies.append((f"gw-x{args.processes}", lambda *a: start_gateway(*a, args.policy, args.processes)))
 
