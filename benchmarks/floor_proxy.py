@@ -49,18 +49,19 @@ async def serve_aiohttp(port: int, forward, low_level: bool) -> None:
         finally:
             answer.close()
 
-    if low_level:
-        runner = web.ServerRunner(web.Server(handle, handler_cancellation=True, access_log=None))
-        await runner.setup()
-        await web.TCPSite(runner, "127.0.0.1", port).start()
-        settle_heap()
-        await asyncio.Event().wait()
-    app = web.Application()
-    app.router.add_post("/v1/completions", handle)
-    app.router.add_get("/health", handle)
-    async with listening(app, "127.0.0.1", port) as stop:
-        settle_heap()  # as the gateway's processes do
-        await stop.wait()
+    if not low_level:
+        app = web.Application()
+        app.router.add_post("/v1/completions", handle)
+        app.router.add_get("/health", handle)
+        async with listening(app, "127.0.0.1", port) as stop:
+            settle_heap()  # as the gateway's processes do
+            await stop.wait()
+        return
+    runner = web.ServerRunner(web.Server(handle, handler_cancellation=True, access_log=None))
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    settle_heap()
+    await asyncio.Event().wait()  # until SIGTERM ends the process
 
 
 class RawConnection(asyncio.Protocol):
@@ -93,8 +94,9 @@ class RawConnection(asyncio.Protocol):
             return
         answer = await self.forward(path, body)
         try:
-            head = b"HTTP/1.1 %d OK\r\nContent-Type: %s\r\n" % (answer.status, content_type(answer).encode())
-            if not content_type(answer).startswith("text/event-stream"):
+            kind = content_type(answer)
+            head = b"HTTP/1.1 %d OK\r\nContent-Type: %s\r\n" % (answer.status, kind.encode())
+            if not kind.startswith("text/event-stream"):
                 data = await answer.read()
                 self.transport.write(head + b"Content-Length: %d\r\n\r\n" % len(data) + data)
                 return
